@@ -1,0 +1,91 @@
+"""One exception tree for the whole package.
+
+Every error a user can cause (a bad recipe, stand file or run file) derives from
+:class:`UserInputError`; the CLI turns it into one line on stderr and exit code 2 without a
+traceback. Instrument faults derive from :class:`InstrumentError` and always name the instrument
+and the command that failed.
+"""
+
+from __future__ import annotations
+
+
+class TeststandError(Exception):
+    """Base of every error raised on purpose by teststand."""
+
+
+class UserInputError(TeststandError):
+    """A mistake in something the user handed us (file, option, name): exit code 2."""
+
+
+class RecipeError(UserInputError):
+    """A recipe file is missing, not TOML, or does not validate.
+
+    The message names the file, the key and what was expected.
+    """
+
+
+class StandError(UserInputError):
+    """A stand file is missing, not TOML, or does not validate."""
+
+
+class RunFileError(UserInputError):
+    """A run file is missing, unreadable, of another format or format version, or incomplete."""
+
+
+class ConstantsError(UserInputError):
+    """A calibration constants file is unreadable or fails its checksum."""
+
+
+class AnalysisError(TeststandError):
+    """An analysis cannot be carried out on the data given (not a user mistake in itself)."""
+
+
+class InstrumentError(TeststandError):
+    """An instrument did something unexpected.
+
+    Attributes:
+        instrument: the instrument's name in the stand (``laser``, ``dac``, ...).
+        command: the command in flight when the fault happened, or ``None``.
+    """
+
+    def __init__(self, instrument: str, message: str, command: str | None = None) -> None:
+        self.instrument = instrument
+        self.command = command
+        where = f"{instrument}" + (f" (command {command!r})" if command is not None else "")
+        super().__init__(f"{where}: {message}")
+
+
+class InstrumentTimeout(InstrumentError):
+    """No (complete) reply arrived within the transport timeout."""
+
+
+class InstrumentReplyError(InstrumentError):
+    """The reply could not be parsed (garbled, wrong type, wrong length, error string)."""
+
+
+class ReadbackMismatch(InstrumentError):
+    """A setter read back a value other than the one that was sent."""
+
+
+class RangeError(InstrumentError, ValueError):
+    """A value was outside the parameter's strict range; nothing was sent."""
+
+
+class ConnectionFailed(TeststandError):
+    """One or more instruments of a stand could not be connected.
+
+    ``failures`` maps each instrument name to the reason; the message lists all of them.
+    """
+
+    def __init__(self, failures: dict[str, str]) -> None:
+        self.failures = dict(failures)
+        listing = "; ".join(f"{name}: {why}" for name, why in self.failures.items())
+        super().__init__(f"could not connect {len(self.failures)} instrument(s): {listing}")
+
+
+class InterlockTripped(TeststandError):
+    """An interlock condition tripped; the stand was put in its safe state."""
+
+
+class RunAborted(TeststandError):
+    """The run was aborted on request (GUI, signal or API)."""
