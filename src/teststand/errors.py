@@ -63,6 +63,10 @@ class InstrumentReplyError(InstrumentError):
     """The reply could not be parsed (garbled, wrong type, wrong length, error string)."""
 
 
+class InstrumentIOError(InstrumentError):
+    """The link to the instrument failed (session closed, port gone, any other I/O error)."""
+
+
 class ReadbackMismatch(InstrumentError):
     """A setter read back a value other than the one that was sent."""
 

@@ -1,0 +1,35 @@
+# The README's commands. `make demo` and `make test` bootstrap .venv on first use (and again only
+# when pyproject.toml changes), so a second call does not reinstall.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+OUT    ?= runs/demo
+
+.PHONY: demo test test-fast bench lint clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "teststand needs Python >= 3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[gui,dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/teststand run threshold-scan --stand sim --out $(OUT) --seed 1
+	$(BIN)/teststand run awc-calibration --stand sim --out $(OUT) --seed 1
+
+test: $(STAMP)
+	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info runs

@@ -1,0 +1,351 @@
+"""The ``teststand`` command.
+
+Exit codes: 0 done, 1 the run or analysis failed, 2 bad input (one line on stderr, no
+traceback, no instrument touched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+import numpy as np
+
+from . import __version__
+from .errors import ConnectionFailed, TeststandError, UserInputError
+
+log = logging.getLogger("teststand")
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit code 2 like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"teststand: error: {message}\n")
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="teststand", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"teststand {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run a recipe on a stand and record it to HDF5")
+    run.add_argument("recipe", help="a shipped recipe's name or a recipe file")
+    run.add_argument("--stand", default="sim", help="a shipped stand's name or a stand file (default: sim)")
+    run.add_argument("--out", default="runs", help="folder for the run file and its log (default: runs)")
+    run.add_argument("--seed", type=int, default=None, help="seed of the simulated stand")
+    run.add_argument("--no-progress", action="store_true", help="no progress display")
+    run.add_argument("--no-analysis", action="store_true", help="do not analyse the run at its end")
+
+    analyze = sub.add_parser("analyze", help="analyse a run file and store the constants")
+    analyze.add_argument("run_file", metavar="RUN.h5")
+    analyze.add_argument("--method", default=None, help="analysis method (default: from the run's kind)")
+    analyze.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the results as JSON")
+    analyze.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE", help="override a method parameter"
+    )
+
+    selftest = sub.add_parser("selftest", help="check every instrument of a stand")
+    selftest.add_argument("--stand", default="sim", help="a shipped stand's name or a stand file")
+    selftest.add_argument("--seed", type=int, default=None, help="seed of the simulated stand")
+
+    info = sub.add_parser("info", help="describe a run file")
+    info.add_argument("run_file", metavar="RUN.h5")
+    return parser
+
+
+# -- progress ----------------------------------------------------------------------------------
+class Progress:
+    """A progress bar with ETA on stderr, fed by the document stream."""
+
+    def __init__(self, stream: TextIO = sys.stderr, *, label: str = "", min_interval_s: float = 0.2) -> None:
+        self.stream = stream
+        self.label = label
+        self.tty = stream.isatty()
+        self.min_interval_s = min_interval_s if self.tty else 5.0
+        self.total = 0
+        self.done = 0
+        self.t0 = time.monotonic()
+        self._last = 0.0
+        self._last_decile = -1
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        if name == "start":
+            self.total = int(doc["n_steps"])
+            self.t0 = time.monotonic()
+        elif name == "step":
+            self.done += 1
+            self._show()
+        elif name == "stop":
+            self._show(final=True)
+
+    def _show(self, *, final: bool = False) -> None:
+        now = time.monotonic()
+        total = max(self.total, 1)
+        fraction = min(self.done / total, 1.0)
+        decile = int(fraction * 10)
+        if not final and now - self._last < self.min_interval_s and (self.tty or decile == self._last_decile):
+            return
+        if not self.tty and not final and decile == self._last_decile:
+            return
+        self._last, self._last_decile = now, decile
+        elapsed = now - self.t0
+        eta = elapsed / fraction - elapsed if fraction > 0 else float("nan")
+        bar = "#" * int(30 * fraction) + "-" * (30 - int(30 * fraction))
+        eta_text = "--:--" if not np.isfinite(eta) else f"{int(eta) // 60:02d}:{int(eta) % 60:02d}"
+        text = (
+            f"{self.label}[{bar}] {self.done}/{self.total} steps {100 * fraction:5.1f}%  "
+            f"elapsed {elapsed:6.1f}s  ETA {eta_text}"
+        )
+        if self.tty:
+            self.stream.write("\r" + text + ("\n" if final else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _setup_logging(verbose: bool, logfile: Path | None = None) -> logging.Handler | None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not any(isinstance(h, logging.StreamHandler) and getattr(h, "_teststand", False) for h in root.handlers):
+        console = logging.StreamHandler(sys.stderr)
+        console.setLevel(logging.DEBUG if verbose else logging.WARNING)
+        console.setFormatter(logging.Formatter("teststand: %(levelname)s: %(message)s"))
+        console._teststand = True  # type: ignore[attr-defined]
+        root.addHandler(console)
+    if logfile is None:
+        return None
+    handler = logging.FileHandler(logfile, encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    return handler
+
+
+def _parse_params(items: Sequence[str]) -> dict[str, float]:
+    params: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserInputError(f"--param {item!r}: expected KEY=VALUE")
+        try:
+            params[key.strip()] = float(value)
+        except ValueError:
+            raise UserInputError(f"--param {item!r}: expected a number after '='") from None
+    return params
+
+
+def _format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[_fmt(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, (float, np.floating)):
+        return "nan" if not np.isfinite(value) else f"{value:.3f}"
+    return str(value)
+
+
+# -- commands ----------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runner import execute, prepare_run
+
+    prepared = prepare_run(args.recipe, args.stand, args.out, seed=args.seed)
+    handler = _setup_logging(args.verbose, prepared.log_path)
+    try:
+        return _run_prepared(prepared, args)
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def _run_prepared(prepared: Any, args: argparse.Namespace) -> int:
+    from .runner import execute
+
+    meta = prepared.metadata
+    sim_tag = "SIMULATED " if prepared.stand.simulated else ""
+    log.info(
+        "%srun %s: recipe %s (%s) on stand %s, seed %s",
+        sim_tag, meta.run_id, meta.recipe_name, meta.kind, meta.stand_name, meta.seed,
+    )
+    if prepared.stand.simulated:
+        print(
+            f"SIMULATED stand {meta.stand_name!r} (seed {meta.seed}): no real instrument is used",
+            file=sys.stderr,
+        )
+    subscribers = [] if args.no_progress else [Progress(label=sim_tag)]
+    previous: dict[int, Any] = {}
+
+    def on_engine(engine: Any, station: Any) -> None:
+        previous.update(_install_signal_handlers(engine))
+
+    try:
+        outcome = execute(prepared, subscribers=subscribers, on_engine=on_engine)
+    finally:
+        _restore_signal_handlers(previous)
+    result = outcome.result
+    log.info(
+        "run %s ended %s after %d steps%s",
+        result.run_id, result.status, result.n_steps, f": {result.reason}" if result.reason else "",
+    )
+    print(f"{sim_tag}run {result.run_id} {result.status}: {result.n_steps} steps")
+    print(f"run file: {prepared.run_path}")
+    print(f"log file: {prepared.log_path}")
+    if result.status != "completed":
+        print(f"teststand: run {result.status}: {result.reason}", file=sys.stderr)
+    if result.n_steps and not args.no_analysis:
+        _print_summary(prepared.run_path)
+    return EXIT_OK if result.status == "completed" else EXIT_FAILED
+
+
+def _install_signal_handlers(engine: Any) -> dict[int, Any]:
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        log.warning("%s received: stopping the run and putting the stand in its safe state", name)
+        engine.abort(f"{name} received", signal=True)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (GUI worker): the caller handles signals
+            pass
+    return previous
+
+
+def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+    for sig, old in previous.items():
+        signal.signal(sig, old)
+
+
+def _print_summary(run_path: Path) -> None:
+    """Per-channel summary: the default analysis where there is one, and hits per step."""
+    from .methods import DEFAULT_METHOD, METHODS, run_method
+    from .storage import RunFile
+
+    with RunFile(run_path) as run:
+        steps = run.steps
+        n_channels = int(run.channels.size)
+        cols = run.columns(("channel",))
+        per_channel = np.bincount(cols["channel"].astype(np.int64), minlength=n_channels)
+        active = steps["n_hits"] > 0
+        n_active = max(int(active.sum()), 1)
+        method = DEFAULT_METHOD.get(run.kind)
+        result = None
+        if method in METHODS:
+            try:
+                result = run_method(run, method, {})
+            except TeststandError as exc:
+                print(f"analysis {method}: not possible ({exc})")
+    print(f"\nsummary: {steps.size} steps, {int(steps['n_hits'].sum())} hits")
+    headers = ["channel", "hits", "hits/step"]
+    rows: list[list[Any]] = [[c, int(per_channel[c]), per_channel[c] / n_active] for c in range(n_channels)]
+    if result is not None and result.method == "scurve":
+        table = result.table
+        headers += ["baseline_code", "noise_code", "flag"]
+        for r, row in zip(rows, table, strict=True):
+            r += [float(row["baseline_code"]), float(row["noise_code"]), str(row["flag"]) or "-"]
+    print(_format_table(headers, rows))
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .methods import run_method
+    from .storage import RunFile, write_analysis
+
+    params = _parse_params(args.param)
+    path = Path(args.run_file)
+    with RunFile(path) as run:
+        result = run_method(run, args.method, params)
+    write_analysis(
+        path,
+        result.method,
+        result.table,
+        {"method": result.method, "parameters": json.dumps(result.parameters), "software_version": __version__},
+    )
+    doc = {"method": result.method, "run_file": str(path), "channels": result.json_channels}
+    if args.json_out:
+        try:
+            Path(args.json_out).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise UserInputError(f"--json {args.json_out}: cannot write ({exc.strerror})") from None
+    keys = [k for k in (result.json_channels[0] if result.json_channels else {}) if k != "channel"]
+    scalar = [k for k in keys if not isinstance(result.json_channels[0][k], list)]
+    print(f"{result.method} of {path}")
+    print(_format_table(["channel", *scalar], [[row["channel"], *(row[k] if row[k] is not None else float("nan") for k in scalar)] for row in result.json_channels]))
+    return EXIT_OK
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .storage import RunFile
+
+    with RunFile(Path(args.run_file)) as run:
+        attrs = run.attrs
+        print(f"run file {args.run_file}")
+        for key in ("format", "format_version", "run_id", "recipe", "kind", "status", "stand", "simulated", "started_utc", "finished_utc", "software_version", "settings_sha256"):
+            print(f"  {key:17s} {attrs.get(key, '')}")
+        steps = run.steps
+        print(f"  steps             {steps.size}   axes: {', '.join(run.axes)}")
+        print(f"  hits              {run.n_hits}")
+        print(f"  channels          {run.channels.size}")
+        print(f"  truth             {'yes' if run.truth is not None else 'no'}")
+        names = ", ".join(f"{n} ({i.get('idn', '')})" for n, i in run.instruments.items())
+        print(f"  instruments       {names}")
+        print(f"  analysis          {', '.join(run.analysis_methods()) or '-'}")
+    return EXIT_OK
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from .selftest import run_selftest
+    from .station import load_stand
+
+    stand = load_stand(args.stand)
+    _setup_logging(args.verbose)
+    if stand.simulated:
+        print(f"SIMULATED stand {stand.config.name!r}", file=sys.stderr)
+    report = run_selftest(stand, seed=args.seed)
+    for check in report.checks:
+        print(f"{'PASS' if check.passed else 'FAIL'}  {check.instrument:8s} {check.name}: {check.detail}")
+    print(f"selftest {'passed' if report.passed else 'FAILED'}: {sum(c.passed for c in report.checks)}/{len(report.checks)} checks")
+    return EXIT_OK if report.passed else EXIT_FAILED
+
+
+COMMANDS = {"run": cmd_run, "analyze": cmd_analyze, "info": cmd_info, "selftest": cmd_selftest}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``teststand`` command; returns the exit code."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserInputError as exc:
+        print(f"teststand: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ConnectionFailed as exc:
+        print(f"teststand: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except TeststandError as exc:
+        print(f"teststand: {args.command} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,200 @@
+"""Threshold DAC: per-channel discriminator threshold codes (TOFHIR2 T1, T2 and E)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal, get_args, overload
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from ..core import (
+    Instrument,
+    Transport,
+    format_int_list,
+    parse_float,
+    parse_int,
+    parse_int_list,
+    strict_int_array,
+    strict_int_range,
+)
+from ..errors import RangeError
+
+log = logging.getLogger(__name__)
+
+#: The discriminators whose thresholds the DAC sets: time T1, time T2, energy E.
+Discriminator = Literal["t1", "t2", "e"]
+DISCRIMINATORS: tuple[Discriminator, ...] = get_args(Discriminator)
+
+#: Highest code of the TOFHIR2 6-bit threshold DACs (the default ``max_code``).
+TOFHIR2_MAX_CODE = 63
+
+
+def _code_array_spec(dac: ThresholdDac) -> tuple[int, int, int]:
+    """Strict range of a code array: 0..max_code, one code per channel."""
+    return 0, dac.max_code, dac.n_channels
+
+
+def _parse_lsb(reply: str) -> float:
+    lsb = parse_float(reply)
+    if lsb <= 0:
+        raise ValueError(f"LSB must be positive, got {lsb}")
+    return lsb
+
+
+class ThresholdDac(Instrument):
+    """Discriminator thresholds as DAC codes, all channels of one discriminator per command.
+
+    A threshold in uA above the channel's baseline is ``(code - baseline_code) * lsb_uA``; the
+    baseline (in codes, not necessarily integer) comes from a threshold S-curve. A higher code is
+    a higher threshold.
+
+    Safe state: every code of every discriminator at ``max_code``, so that nothing triggers.
+
+    Args:
+        transport: the link to the DAC.
+        max_code: highest valid code (63 for the TOFHIR2 6-bit DACs; wider for an external DAC).
+    """
+
+    n_channels = Instrument.measurement(
+        "CONF:NCH?",
+        """Number of channels per discriminator (int, read once from the instrument).""",
+        get_process=parse_int,
+        cached=True,
+    )
+
+    lsb_uA = Instrument.measurement(
+        "THR:LSB?",
+        """Threshold step per DAC code in uA (float > 0, read once from the instrument).""",
+        units="uA",
+        get_process=_parse_lsb,
+        cached=True,
+    )
+
+    t1_codes = Instrument.control(
+        "THR:T1?",
+        "THR:T1 %s",
+        """T1 (first timing threshold) codes of every channel: int array of length n_channels,
+        each code strictly in the range 0..max_code (DAC codes; 63 by default).""",
+        validator=strict_int_array,
+        values=_code_array_spec,
+        units="DAC codes",
+        get_process=parse_int_list,
+        set_process=format_int_list,
+    )
+
+    t2_codes = Instrument.control(
+        "THR:T2?",
+        "THR:T2 %s",
+        """T2 (second timing threshold) codes of every channel: int array of length n_channels,
+        each code strictly in the range 0..max_code (DAC codes; 63 by default).""",
+        validator=strict_int_array,
+        values=_code_array_spec,
+        units="DAC codes",
+        get_process=parse_int_list,
+        set_process=format_int_list,
+    )
+
+    e_codes = Instrument.control(
+        "THR:E?",
+        "THR:E %s",
+        """E (energy/QDC trigger threshold) codes of every channel: int array of length
+        n_channels, each code strictly in the range 0..max_code (DAC codes; 63 by default).""",
+        validator=strict_int_array,
+        values=_code_array_spec,
+        units="DAC codes",
+        get_process=parse_int_list,
+        set_process=format_int_list,
+    )
+
+    def __init__(self, transport: Transport, *, max_code: int = TOFHIR2_MAX_CODE) -> None:
+        super().__init__(transport)
+        if isinstance(max_code, bool) or not isinstance(max_code, int) or max_code < 1:
+            raise ValueError(f"max_code must be a positive int, got {max_code!r}")
+        self.max_code = max_code
+
+    # -- code arrays -----------------------------------------------------------------------------
+
+    def codes(self, disc: Discriminator) -> np.ndarray:
+        """Read back the codes of every channel of discriminator ``disc`` ('t1', 't2', 'e')."""
+        return np.asarray(getattr(self, self._attribute(disc)))
+
+    def set_codes(self, disc: Discriminator, codes: ArrayLike) -> None:
+        """Set the codes of every channel of ``disc`` in one command (validated, read back)."""
+        setattr(self, self._attribute(disc), codes)
+
+    def set_code(self, disc: Discriminator, channel: int, code: int) -> None:
+        """Set one channel's code of ``disc``, leaving the others as the instrument holds them."""
+        attribute = self._attribute(disc)
+        with self._lock:  # read-modify-write must not interleave with another writer
+            channel = strict_int_range(
+                channel, (0, self.n_channels - 1), instrument=self.name, what="channel"
+            )
+            code = strict_int_range(
+                code, (0, self.max_code), instrument=self.name, what=f"{attribute}[{channel}]"
+            )
+            codes = self.codes(disc).copy()
+            codes[channel] = code
+            setattr(self, attribute, codes)
+
+    # -- conversions -----------------------------------------------------------------------------
+
+    @overload
+    def code_to_uA(self, code: float, baseline_code: float) -> float: ...
+
+    @overload
+    def code_to_uA(self, code: ArrayLike, baseline_code: ArrayLike) -> np.ndarray: ...
+
+    def code_to_uA(self, code: ArrayLike, baseline_code: ArrayLike) -> float | np.ndarray:
+        """Threshold in uA above baseline: ``(code - baseline_code) * lsb_uA`` (element-wise)."""
+        result = (np.asarray(code, dtype=float) - np.asarray(baseline_code, dtype=float)) * (
+            self.lsb_uA
+        )
+        return float(result) if result.ndim == 0 else result
+
+    @overload
+    def uA_to_code(self, uA: float, baseline_code: float) -> int: ...
+
+    @overload
+    def uA_to_code(self, uA: ArrayLike, baseline_code: ArrayLike) -> np.ndarray: ...
+
+    def uA_to_code(self, uA: ArrayLike, baseline_code: ArrayLike) -> int | np.ndarray:
+        """Nearest code for a threshold ``uA`` above baseline (element-wise).
+
+        Raises `RangeError` if a code falls outside 0..max_code: a threshold the DAC cannot
+        set is refused rather than clipped.
+        """
+        exact = np.asarray(uA, dtype=float) / self.lsb_uA + np.asarray(baseline_code, dtype=float)
+        if not np.all(np.isfinite(exact)):
+            raise RangeError(self.name, f"threshold {uA!r} uA is not a finite number")
+        code = np.rint(exact).astype(np.int64)
+        bad = (code < 0) | (code > self.max_code)
+        if np.any(bad):
+            raise RangeError(
+                self.name,
+                f"threshold {uA!r} uA above baseline {baseline_code!r} needs code(s) "
+                f"{code[bad] if code.ndim else code}, outside 0..{self.max_code}",
+            )
+        return int(code) if code.ndim == 0 else code
+
+    # -- safety ----------------------------------------------------------------------------------
+
+    def safe_state(self) -> None:
+        """Every code of every discriminator at ``max_code``: no channel triggers."""
+        log.info("%s: every threshold at code %d (safe state)", self.name, self.max_code)
+        full = np.full(self.n_channels, self.max_code, dtype=np.int64)
+        with self._lock:
+            for disc in DISCRIMINATORS:
+                self.set_codes(disc, full)
+
+    def is_safe(self) -> bool:
+        """True when the instrument holds ``max_code`` on every channel of every discriminator."""
+        with self._lock:
+            return all(bool(np.all(self.codes(disc) == self.max_code)) for disc in DISCRIMINATORS)
+
+    def _attribute(self, disc: str) -> str:
+        if disc not in DISCRIMINATORS:
+            raise RangeError(
+                self.name, f"discriminator {disc!r} is not one of {list(DISCRIMINATORS)}"
+            )
+        return f"{disc}_codes"

@@ -1,0 +1,27 @@
+"""TOFHIR2 readout (CMS Barrel Timing Layer ASIC): two timing thresholds and a QDC per channel.
+
+Each hit carries ``t1`` and ``t2`` (the crossings of the T1 and T2 thresholds, set by the
+`~teststand.drivers.ThresholdDac`) and the charge ``q``; ``tot`` is NaN.
+"""
+
+from __future__ import annotations
+
+from ..core import Instrument, parse_float, strict_range
+from ._readout import Readout
+
+
+class TofhirReadout(Readout):
+    """TOFHIR2 readout: channel mask, QDC gate and the common acquisition API.
+
+    Safe state: acquisition stopped.
+    """
+
+    qdc_gate_ns = Instrument.control(
+        "CONF:QDC:GATE?",
+        "CONF:QDC:GATE %.2f",
+        """QDC integration gate in ns, float strictly from 5 to 500, set to 0.01 ns.""",
+        validator=strict_range,
+        values=(5.0, 500.0),
+        units="ns",
+        get_process=parse_float,
+    )

@@ -1,0 +1,80 @@
+"""Plans, the engine that runs them, and recipes.
+
+Users import from here: ``from teststand.sequences import RunEngine, load_recipe``.
+"""
+
+from ._engine import RunEngine, RunMetadata, RunResult, Subscriber, utc_now
+from ._messages import (
+    Msg,
+    Plan,
+    acquire,
+    call,
+    checkpoint,
+    close_step,
+    log,
+    open_run,
+    open_step,
+    safe_state,
+    set_,
+)
+from ._plans import (
+    StandInfo,
+    awc_calibration,
+    finalize_wrapper,
+    hptdc_timewalk,
+    list_messages,
+    noise_counts,
+    threshold_scan,
+)
+from ._recipes import (
+    REGISTRY,
+    AwcCalibrationParams,
+    FloatRange,
+    HptdcTimewalkParams,
+    IntRange,
+    PlanEntry,
+    Recipe,
+    ThresholdScanParams,
+    load_recipe,
+    parse_recipe,
+    resolve_recipe,
+    shipped_recipes,
+)
+
+__all__ = [
+    "REGISTRY",
+    "AwcCalibrationParams",
+    "FloatRange",
+    "HptdcTimewalkParams",
+    "IntRange",
+    "Msg",
+    "Plan",
+    "PlanEntry",
+    "Recipe",
+    "RunEngine",
+    "RunMetadata",
+    "RunResult",
+    "StandInfo",
+    "Subscriber",
+    "ThresholdScanParams",
+    "acquire",
+    "awc_calibration",
+    "call",
+    "checkpoint",
+    "close_step",
+    "finalize_wrapper",
+    "hptdc_timewalk",
+    "list_messages",
+    "load_recipe",
+    "log",
+    "noise_counts",
+    "open_run",
+    "open_step",
+    "parse_recipe",
+    "resolve_recipe",
+    "safe_state",
+    "set_",
+    "shipped_recipes",
+    "threshold_scan",
+    "utc_now",
+]

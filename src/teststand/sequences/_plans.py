@@ -1,0 +1,301 @@
+"""The shipped plans: generators of messages named after the experiment.
+
+Every plan takes a :class:`StandInfo` (what the stand has, no connection) and keyword-only
+options, declares its scan axes with ``open_run``, and wraps its body in :func:`finalize_wrapper`
+so that the laser goes off and triggering stops on every way out, abort and exceptions included.
+The engine puts every instrument in its safe state afterwards as well: the plan's cleanup is the
+orderly one, the engine's the last line of defence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._messages import (
+    Msg,
+    Plan,
+    acquire,
+    call,
+    checkpoint,
+    close_step,
+    log,
+    open_run,
+    open_step,
+    safe_state,
+    set_,
+)
+
+LASER = "laser"
+DAC = "dac"
+READOUT = "readout"
+
+
+@dataclass(frozen=True)
+class StandInfo:
+    """What a plan needs to know about a stand, without connecting to it.
+
+    Attributes:
+        name: the stand's name.
+        readout_kind: ``"tofhir"`` or ``"hptdc"``.
+        channels: the ``/channels`` table (structured array: channel, plane, bar, board, delay_ns).
+        instruments: the instrument names present (``laser``, ``dac``, ``readout``).
+        lsb_uA: the threshold DAC's step in uA, or ``None`` without a DAC.
+        max_code: the threshold DAC's largest code, or ``None`` without a DAC.
+    """
+
+    name: str
+    readout_kind: str
+    channels: np.ndarray
+    instruments: tuple[str, ...]
+    lsb_uA: float | None = None
+    max_code: int | None = None
+
+    @property
+    def n_channels(self) -> int:
+        """Number of readout channels in the channel map."""
+        return int(self.channels.size)
+
+    @property
+    def bars(self) -> np.ndarray:
+        """The distinct bar (TOFHIR) or pad (HPTDC) numbers, sorted."""
+        return np.unique(self.channels["bar"])
+
+    def channels_of_bar(self, bar: int) -> np.ndarray:
+        """Channel numbers reading out ``bar`` (both ends of a TOFHIR bar; one pad per plane)."""
+        return np.asarray(self.channels["channel"][self.channels["bar"] == bar], dtype=np.int64)
+
+
+def finalize_wrapper(plan: Plan, cleanup: Callable[[], Iterator[Msg]]) -> Plan:
+    """Run ``plan``, then the messages of ``cleanup()``, however the plan ends.
+
+    The engine throws exceptions (errors, abort, Ctrl-C) into the plan, so the ``finally`` block
+    below still yields its messages to the engine, as in bluesky.
+    """
+    try:
+        result = yield from plan
+    finally:
+        yield from cleanup()
+    return result
+
+
+def _stand_cleanup(stand: StandInfo) -> Callable[[], Iterator[Msg]]:
+    def cleanup() -> Iterator[Msg]:
+        # Laser first: light with no acquisition running is harmless to data but not to people.
+        for name in (LASER, READOUT, DAC):
+            if name in stand.instruments:
+                yield safe_state(name)
+
+    return cleanup
+
+
+def _require(stand: StandInfo, kind: str, plan_name: str) -> None:
+    if stand.readout_kind != kind:
+        raise ValueError(
+            f"{plan_name} needs a {kind.upper()} stand, but stand {stand.name!r} reads out with "
+            f"{stand.readout_kind.upper()}"
+        )
+
+
+def threshold_scan(
+    stand: StandInfo,
+    *,
+    codes: Sequence[int],
+    n_triggers: int,
+    laser_modes: Sequence[str] = ("off", "on"),
+    laser_intensity_pct: float = 30.0,
+    fibre_channel: int = 0,
+) -> Plan:
+    """Per-channel S-curves: the T1 threshold code of every channel stepped over ``codes``.
+
+    With the laser off the hit rate versus code is the noise S-curve (baseline and noise); with
+    the laser on (all bars lit through the splitter unless ``fibre_channel`` says otherwise) it
+    adds the signal plateau. The T2 and E discriminators stay at the code that stops triggering.
+
+    Axes: ``laser`` (0 off, 1 on) and ``thr_code``.
+    """
+    _require(stand, "tofhir", "threshold_scan")
+    assert stand.max_code is not None
+    n = stand.n_channels
+    off_codes = np.full(n, stand.max_code, dtype=np.int64)
+
+    def body() -> Plan:
+        yield open_run(["laser", "thr_code"], len(laser_modes) * len(codes))
+        yield call(DAC, "set_codes", "t2", off_codes)
+        yield call(DAC, "set_codes", "e", off_codes)
+        for mode in laser_modes:
+            laser_on = mode == "on"
+            if laser_on:
+                yield set_(LASER, "fibre_channel", fibre_channel)
+                yield set_(LASER, "intensity", laser_intensity_pct)
+            yield set_(LASER, "output_enabled", laser_on)
+            for code in codes:
+                yield call(DAC, "set_codes", "t1", np.full(n, int(code), dtype=np.int64))
+                yield open_step(laser=float(laser_on), thr_code=float(code))
+                yield acquire(READOUT, n_triggers)
+                yield close_step()
+                yield checkpoint()
+            yield set_(LASER, "output_enabled", False)
+
+    return finalize_wrapper(body(), _stand_cleanup(stand))
+
+
+def noise_counts(hits: np.ndarray, n_channels: int) -> np.ndarray:
+    """Number of triggers with at least one hit, per channel (no loop per hit)."""
+    if hits.size == 0:
+        return np.zeros(n_channels, dtype=np.int64)
+    key = hits["event"].astype(np.int64) * n_channels + hits["channel"].astype(np.int64)
+    channels = np.unique(key) % n_channels
+    return np.bincount(channels, minlength=n_channels)
+
+
+def awc_calibration(
+    stand: StandInfo,
+    *,
+    bars: Sequence[int],
+    intensities_pct: Sequence[float],
+    thr1_uA: float,
+    thr2_uA: Sequence[float],
+    n_pulses: int,
+    baseline_codes: Sequence[float] | None = None,
+    baseline_scan_codes: Sequence[int] = tuple(range(64)),
+    baseline_scan_triggers: int = 400,
+) -> Plan:
+    """The dual-threshold amplitude-walk calibration (design section 4.2).
+
+    For each bar, lit in turn through the laser's fibre switch: for each laser intensity, thr2 is
+    stepped over ``thr2_uA`` with thr1 fixed at ``thr1_uA``, ``n_pulses`` pulses a step. Channels
+    not being calibrated sit at the code that stops triggering.
+
+    Thresholds are given in uA above each channel's baseline, so the baselines (in DAC codes) must
+    be known: either given (from an earlier threshold scan) or measured at the start of the run
+    with a short noise scan (laser off), which is recorded as steps with ``laser = 0``.
+
+    Axes: ``laser``, ``thr_code`` (the noise scan), ``bar``, ``intensity`` (tune, %), ``thr1`` and
+    ``thr2`` (uA above baseline, nominal). Axes that do not apply to a step are NaN.
+    """
+    _require(stand, "tofhir", "awc_calibration")
+    assert stand.max_code is not None and stand.lsb_uA is not None
+    n = stand.n_channels
+    lsb = stand.lsb_uA
+    max_code = stand.max_code
+    off_codes = np.full(n, max_code, dtype=np.int64)
+    n_main = len(bars) * len(intensities_pct) * len(thr2_uA)
+    n_noise = 0 if baseline_codes is not None else len(baseline_scan_codes)
+    nan = float("nan")
+
+    def codes_for(baselines: np.ndarray, channels: np.ndarray, thr_uA: float) -> np.ndarray:
+        codes = off_codes.copy()
+        wanted = np.rint(baselines[channels] + thr_uA / lsb).astype(np.int64)
+        if np.any((wanted < 0) | (wanted > max_code)):
+            raise ValueError(
+                f"threshold {thr_uA:g} uA is outside the DAC range for channels "
+                f"{channels[(wanted < 0) | (wanted > max_code)].tolist()}"
+            )
+        codes[channels] = wanted
+        return codes
+
+    def measure_baselines() -> Iterator[Msg]:
+        from ..analysis.scurve import fit_scurves
+
+        scan = np.asarray(baseline_scan_codes, dtype=np.int64)
+        counts = np.zeros((n, scan.size), dtype=np.int64)
+        yield set_(LASER, "output_enabled", False)
+        for k, code in enumerate(scan):
+            yield call(DAC, "set_codes", "t1", np.full(n, int(code), dtype=np.int64))
+            yield open_step(
+                laser=0.0, thr_code=float(code), bar=nan, intensity=nan, thr1=nan, thr2=nan
+            )
+            hits = yield acquire(READOUT, baseline_scan_triggers, return_hits=True)
+            counts[:, k] = noise_counts(hits if hits is not None else np.empty(0), n)
+            yield close_step()
+            yield checkpoint()
+        triggers = np.full_like(counts, baseline_scan_triggers)
+        result = fit_scurves(scan.astype(float), triggers, counts)
+        return np.asarray(result["baseline_code"], dtype=float)
+
+    def body() -> Plan:
+        yield open_run(["laser", "thr_code", "bar", "intensity", "thr1", "thr2"], n_noise + n_main)
+        yield call(DAC, "set_codes", "t2", off_codes)
+        yield call(DAC, "set_codes", "e", off_codes)
+        if baseline_codes is None:
+            baselines = yield from measure_baselines()
+            if np.any(~np.isfinite(baselines)):
+                bad = np.flatnonzero(~np.isfinite(baselines)).tolist()
+                raise RuntimeError(f"no baseline could be measured for channels {bad}")
+        else:
+            baselines = np.asarray(baseline_codes, dtype=float)
+        yield log("baselines (DAC codes): " + ", ".join(f"{b:.2f}" for b in baselines))
+        for bar in bars:
+            lit = stand.channels_of_bar(int(bar))
+            yield call(DAC, "set_codes", "t1", codes_for(baselines, lit, thr1_uA))
+            yield set_(LASER, "fibre_channel", int(bar) + 1)
+            for intensity in intensities_pct:
+                yield set_(LASER, "intensity", float(intensity))
+                yield set_(LASER, "output_enabled", True)
+                for thr2 in thr2_uA:
+                    yield call(DAC, "set_codes", "t2", codes_for(baselines, lit, thr2))
+                    yield open_step(
+                        laser=1.0,
+                        thr_code=nan,
+                        bar=float(bar),
+                        intensity=float(intensity),
+                        thr1=float(thr1_uA),
+                        thr2=float(thr2),
+                    )
+                    yield acquire(READOUT, n_pulses)
+                    yield close_step()
+                    yield checkpoint()
+            yield set_(LASER, "output_enabled", False)
+            yield call(DAC, "set_codes", "t1", off_codes)
+            yield call(DAC, "set_codes", "t2", off_codes)
+
+    return finalize_wrapper(body(), _stand_cleanup(stand))
+
+
+def hptdc_timewalk(
+    stand: StandInfo,
+    *,
+    intensities_pct: Sequence[float],
+    n_pulses: int,
+    fibre_channel: int = 0,
+) -> Plan:
+    """Laser intensity scan on the HPTDC bench: leading time and ToT at each intensity.
+
+    Axes: ``intensity`` (tune, %).
+    """
+    _require(stand, "hptdc", "hptdc_timewalk")
+
+    def body() -> Plan:
+        yield open_run(["intensity"], len(intensities_pct))
+        yield set_(LASER, "fibre_channel", fibre_channel)
+        for intensity in intensities_pct:
+            yield set_(LASER, "intensity", float(intensity))
+            yield set_(LASER, "output_enabled", True)
+            yield open_step(intensity=float(intensity))
+            yield acquire(READOUT, n_pulses)
+            yield close_step()
+            yield checkpoint()
+        yield set_(LASER, "output_enabled", False)
+
+    return finalize_wrapper(body(), _stand_cleanup(stand))
+
+
+def list_messages(plan: Plan, reply: Callable[[Msg], Any] | None = None) -> list[Msg]:
+    """Run ``plan`` without hardware and return its messages.
+
+    ``reply(msg)`` gives the value sent back for each message (``None`` by default), so a test
+    can feed an ``acquire`` with synthetic hits.
+    """
+    messages: list[Msg] = []
+    value: Any = None
+    while True:
+        try:
+            msg = plan.send(value)
+        except StopIteration:
+            return messages
+        messages.append(msg)
+        value = reply(msg) if reply is not None else None

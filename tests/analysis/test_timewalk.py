@@ -1,0 +1,240 @@
+"""HPTDC time walk versus ToT, checked against the simulator's truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from teststand.analysis.timewalk import (
+    MAX_POLY_ORDER,
+    PROFILE_DTYPE,
+    TIMEWALK_DTYPE,
+    correct_timewalk,
+    evaluate_timewalk,
+    fit_timewalk,
+    fit_timewalk_profile,
+    timewalk_profile,
+    timewalk_sigmoid,
+)
+from teststand.sim.physics import (
+    AcquisitionState,
+    HptdcModel,
+    demo_hptdc_channels,
+    hptdc_walk,
+)
+
+#: Laser tunes of a walk run: 40 to 600 photoelectrons, ToT about 6 to 21 ns.
+INTENSITIES = np.linspace(16.4, 100.0, 8)
+
+
+def walk_run(seed: int, n_per_step: int = 3000, intensities: np.ndarray = INTENSITIES
+             ) -> tuple[HptdcModel, np.ndarray]:
+    """Hits of a simulated walk run: every pad lit, one acquisition per laser intensity."""
+    model = HptdcModel(demo_hptdc_channels(), seed=seed)
+    hits = np.concatenate(
+        [model.generate(n_per_step, AcquisitionState(True, float(i))) for i in intensities]
+    )
+    return model, hits
+
+
+@pytest.fixture(scope="module")
+def run() -> tuple[HptdcModel, np.ndarray, np.ndarray]:
+    model, hits = walk_run(seed=21)
+    return model, hits, fit_timewalk(hits["channel"], hits["t1"], hits["tot"])
+
+
+def max_curve_deviation_ps(row: np.void, truth: np.void) -> float:
+    """Largest |fitted - true| walk curve (ps) over the fitted ToT range, asymptote included."""
+    grid = np.linspace(row["tot_min_ns"], row["tot_max_ns"], 400)
+    fitted = timewalk_sigmoid(grid, row["p0_ns"], row["p1_ns"], row["p2_ns"], row["p3_ns"])
+    true = hptdc_walk(grid, truth["p0_ns"], truth["p1_ns"], truth["p2_ns"], truth["t_inf_ns"])
+    return float(1e3 * np.max(np.abs(fitted - true)))
+
+
+def test_sigmoid_reproduces_the_true_walk_within_10_ps(run: tuple) -> None:
+    model, _, res = run
+    truth = model.truth()
+    assert res.dtype == TIMEWALK_DTYPE
+    assert res["channel"].tolist() == truth["channel"].tolist()
+    assert np.all(res["flag"] == "ok")
+    assert np.all(res["chi2ndf_sigmoid"] < 2.0)
+    deviations = [max_curve_deviation_ps(r, t) for r, t in zip(res, truth, strict=True)]
+    assert max(deviations) <= 10.0, deviations
+    # The fit range covers the run's ToT range (about 6 to 21 ns).
+    assert np.all(res["tot_min_ns"] < 8.0) and np.all(res["tot_max_ns"] > 18.0)
+
+
+def test_parameters_agree_with_truth_within_errors(run: tuple) -> None:
+    model, _, res = run
+    truth = model.truth()
+    for name, true_name in (("p0", "p0_ns"), ("p1", "p1_ns"), ("p2", "p2_ns"), ("p3", "t_inf_ns")):
+        err = res[f"{name}_err_ns"]
+        assert np.all(err > 0)
+        pull = (res[f"{name}_ns"] - truth[true_name]) / err
+        assert np.all(np.abs(pull) < 4.5), (name, pull)
+
+
+def test_correction_leaves_no_walk(run: tuple) -> None:
+    _, hits, res = run
+    t_corr = correct_timewalk(hits["channel"], hits["t1"], hits["tot"], res)
+    # Profile of the corrected times in 0.5 ns ToT bins: flat at 0 within 10 ps.
+    prof = timewalk_profile(hits["channel"], t_corr, hits["tot"], bin_width_ns=0.5,
+                            min_entries=500)
+    precise = prof["t_err_ns"] < 0.003
+    assert precise.sum() > 16 * 10
+    assert np.max(np.abs(prof["t_ns"][precise])) < 0.010
+    # Before the correction the same profile spans the walk (0.4 to 3.5 ns per channel).
+    raw = timewalk_profile(hits["channel"], hits["t1"], hits["tot"], bin_width_ns=0.5,
+                           min_entries=500)
+    spans = [np.ptp(raw["t_ns"][raw["channel"] == c]) for c in np.unique(raw["channel"])]
+    assert min(spans) > 0.2
+
+
+def test_keep_offset_keeps_the_large_amplitude_time(run: tuple) -> None:
+    model, hits, res = run
+    truth = model.truth()
+    sel = slice(0, 2000)
+    ch, t, tot = hits["channel"][sel], hits["t1"][sel], hits["tot"][sel]
+    aligned = correct_timewalk(ch, t, tot, res)
+    kept = correct_timewalk(ch, t, tot, res, keep_offset=True)
+    rows = np.searchsorted(res["channel"], ch)
+    np.testing.assert_allclose(kept - aligned, res["p3_ns"][rows])
+    assert np.max(np.abs(res["p3_ns"] - truth["t_inf_ns"])) < 0.005
+
+
+def test_polynomial_reference_on_a_narrow_range() -> None:
+    # The ALICE-style polynomial describes the walk over a limited ToT range.
+    model, hits = walk_run(seed=4, n_per_step=4000, intensities=np.array([45.0, 60.0, 80.0]))
+    res = fit_timewalk(hits["channel"], hits["t1"], hits["tot"])
+    truth = model.truth()
+    assert np.all((res["poly_order"] >= 1) & (res["poly_order"] <= MAX_POLY_ORDER))
+    assert np.all(res["chi2ndf_poly"] < 2.0)
+    assert set(res["better"]) <= {"sigmoid", "poly"}
+    rows = np.searchsorted(res["channel"], hits["channel"])
+    inside = (hits["tot"] >= res["tot_min_ns"][rows]) & (hits["tot"] <= res["tot_max_ns"][rows])
+    f_poly = evaluate_timewalk(hits["channel"][inside], hits["tot"][inside], res, method="poly")
+    f_true = hptdc_walk(hits["tot"][inside], truth["p0_ns"][rows[inside]],
+                        truth["p1_ns"][rows[inside]], truth["p2_ns"][rows[inside]],
+                        truth["t_inf_ns"][rows[inside]])  # fmt: skip
+    assert np.max(np.abs(f_poly - f_true)) < 0.010
+    # The polynomial is clamped outside its range instead of running away.
+    far = evaluate_timewalk(res["channel"], res["tot_max_ns"] + 20.0, res, method="poly")
+    edge = evaluate_timewalk(res["channel"], res["tot_max_ns"], res, method="poly")
+    np.testing.assert_allclose(far, edge)
+    best = evaluate_timewalk(res["channel"], res["tot_max_ns"], res, method="better")
+    assert np.all(np.isfinite(best))
+
+
+def test_poly_is_better_when_the_walk_is_not_a_sigmoid() -> None:
+    # A walk that rises with ToT cannot be a (bounded, p0 >= 0) sigmoid; the polynomial can.
+    rng = np.random.default_rng(2)
+    tot = rng.uniform(8.0, 20.0, 60_000)
+    t = 5.0 + 0.05 * (tot - 8.0) + 0.002 * (tot - 8.0) ** 2 + 0.05 * rng.standard_normal(tot.size)
+    res = fit_timewalk(np.zeros(tot.size, dtype=np.uint16), t, tot)
+    assert res["better"][0] == "poly"
+    assert res["chi2ndf_poly"][0] < 2.0
+    assert res["flag"][0] in ("chi2_high", "at_bound")  # numbers given, doubt flagged
+    corrected = correct_timewalk(np.zeros(tot.size), t, tot, res, method="better")
+    assert abs(np.mean(corrected)) < 0.002
+
+
+def test_fit_range_trims_a_contaminated_sparse_tail() -> None:
+    model, hits = walk_run(seed=9, n_per_step=3000)
+    truth = model.truth()
+    # A sparse population of late hits at small ToT (after-pulses, say) on channel 5.
+    rng = np.random.default_rng(0)
+    n_bad = 1500
+    bad = np.zeros(n_bad, dtype=hits.dtype)
+    bad["channel"] = 5
+    bad["tot"] = rng.uniform(2.5, 4.5, n_bad)
+    bad["t1"] = truth["t_inf_ns"][5] + 6.0 + 0.3 * rng.standard_normal(n_bad)
+    polluted = np.concatenate([hits, bad])
+    res = fit_timewalk(polluted["channel"], polluted["t1"], polluted["tot"])
+    row = res[res["channel"] == 5][0]
+    assert row["flag"] == "ok"
+    assert row["tot_min_ns"] >= 4.4  # the polluted bins were dropped
+    assert row["chi2ndf_sigmoid"] < 2.0
+    assert max_curve_deviation_ps(row, truth[5]) < 10.0
+
+
+def test_flags_for_channels_that_cannot_be_fitted() -> None:
+    model, hits = walk_run(seed=1, n_per_step=1500, intensities=INTENSITIES[::2])
+    few = hits[hits["channel"] == 3][:30]  # channel 3: 30 hits, no bin with 20 entries
+    rest = hits[(hits["channel"] != 3)]
+    sel = np.concatenate([rest, few])
+    res = fit_timewalk(sel["channel"], sel["t1"], sel["tot"], channels=[0, 3, 40])
+    assert res["channel"].tolist() == [0, 3, 40]
+    assert res["flag"].tolist()[1:] == ["too_few_bins", "no_hits"]
+    assert res["n_hits"].tolist()[1:] == [30, 0]
+    for name in ("p0_ns", "p1_ns", "p2_ns", "p3_ns", "p0_err_ns", "chi2ndf_sigmoid"):
+        assert np.isnan(res[name][1:]).all()
+    # Hits of a channel without constants are not corrected: NaN, never a silent number.
+    out = correct_timewalk([3, 40, 0], [1.0, 1.0, 1.0], [10.0, 10.0, 10.0], res)
+    assert np.isnan(out[:2]).all() and np.isfinite(out[2])
+    # NaN ToT or times are ignored by the profile.
+    hits_nan = np.array(sel[:100])
+    hits_nan["tot"][:50] = np.nan
+    prof = timewalk_profile(hits_nan["channel"], hits_nan["t1"], hits_nan["tot"], min_entries=1)
+    assert prof["n"].sum() == 50
+
+
+def test_profile_by_hand() -> None:
+    ch = np.array([1, 1, 1, 1, 2, 2, 2])
+    tot = np.array([10.01, 10.05, 10.15, 10.19, 10.02, 10.03, 10.08])
+    t = np.array([1.0, 3.0, 5.0, 7.0, 0.0, 1.0, 2.0])
+    prof = timewalk_profile(ch, t, tot, bin_width_ns=0.1, min_entries=2)
+    assert prof.dtype == PROFILE_DTYPE
+    assert prof["channel"].tolist() == [1, 1, 2]
+    np.testing.assert_allclose(prof["tot_lo_ns"], [10.0, 10.1, 10.0])
+    np.testing.assert_allclose(prof["t_ns"], [2.0, 6.0, 1.0])
+    np.testing.assert_allclose(prof["tot_ns"], [10.03, 10.17, 10.0433333])
+    expected_var = [np.var([10.01, 10.05]), np.var([10.15, 10.19]), np.var([10.02, 10.03, 10.08])]
+    np.testing.assert_allclose(prof["tot_var_ns2"], expected_var, rtol=1e-6)
+    np.testing.assert_allclose(prof["t_rms_ns"], [np.sqrt(2.0), np.sqrt(2.0), 1.0])
+    np.testing.assert_allclose(prof["t_err_ns"], [1.0, 1.0, 1.0 / np.sqrt(3.0)])
+
+
+def test_fit_from_profile_equals_fit_from_hits(run: tuple) -> None:
+    _, hits, res = run
+    prof = timewalk_profile(hits["channel"], hits["t1"], hits["tot"])
+    again = fit_timewalk_profile(prof)
+    np.testing.assert_allclose(again["p1_ns"], res["p1_ns"])
+    assert again["flag"].tolist() == res["flag"].tolist()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    tot=st.floats(0.0, 60.0),
+    p0=st.floats(0.0, 10.0),
+    p1=st.floats(0.0, 40.0),
+    p2=st.floats(0.05, 10.0),
+    p3=st.floats(-50.0, 50.0),
+)
+def test_sigmoid_matches_the_simulators_definition(
+    tot: float, p0: float, p1: float, p2: float, p3: float
+) -> None:
+    ours = timewalk_sigmoid(tot, p0, p1, p2, p3)
+    theirs = hptdc_walk(tot, p0, p1, p2, p3)
+    assert ours == pytest.approx(theirs, abs=1e-12)
+    assert p3 - 1e-12 <= ours <= p3 + p0 + 1e-12
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 300))
+def test_correction_with_exact_constants_is_exact(seed: int, n: int) -> None:
+    rng = np.random.default_rng(seed)
+    const = np.zeros(2, dtype=TIMEWALK_DTYPE)
+    const["channel"] = [4, 9]
+    const["flag"] = "ok"
+    const["better"] = "sigmoid"
+    for name, lo, hi in (("p0_ns", 0, 10), ("p1_ns", 0, 40), ("p2_ns", 0.05, 10), ("p3_ns", -5, 5)):
+        const[name] = rng.uniform(lo, hi, 2)
+    ch = rng.choice([4, 9], n)
+    tot = rng.uniform(0.0, 40.0, n)
+    row = np.where(ch == 4, 0, 1)
+    walk = hptdc_walk(tot, const["p0_ns"][row], const["p1_ns"][row], const["p2_ns"][row],
+                      const["p3_ns"][row])  # fmt: skip
+    t0 = rng.normal(0.0, 1.0, n)
+    np.testing.assert_allclose(correct_timewalk(ch, t0 + walk, tot, const), t0, atol=1e-9)
