@@ -9,12 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
@@ -45,18 +43,30 @@ def _build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a recipe on a stand and record it to HDF5")
     run.add_argument("recipe", help="a shipped recipe's name or a recipe file")
-    run.add_argument("--stand", default="sim", help="a shipped stand's name or a stand file (default: sim)")
-    run.add_argument("--out", default="runs", help="folder for the run file and its log (default: runs)")
+    run.add_argument(
+        "--stand", default="sim", help="a shipped stand's name or a stand file (default: sim)"
+    )
+    run.add_argument(
+        "--out", default="runs", help="folder for the run file and its log (default: runs)"
+    )
     run.add_argument("--seed", type=int, default=None, help="seed of the simulated stand")
     run.add_argument("--no-progress", action="store_true", help="no progress display")
     run.add_argument("--no-analysis", action="store_true", help="do not analyse the run at its end")
 
     analyze = sub.add_parser("analyze", help="analyse a run file and store the constants")
     analyze.add_argument("run_file", metavar="RUN.h5")
-    analyze.add_argument("--method", default=None, help="analysis method (default: from the run's kind)")
-    analyze.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the results as JSON")
     analyze.add_argument(
-        "--param", action="append", default=[], metavar="KEY=VALUE", help="override a method parameter"
+        "--method", default=None, help="analysis method (default: from the run's kind)"
+    )
+    analyze.add_argument(
+        "--json", dest="json_out", default=None, metavar="OUT", help="write the results as JSON"
+    )
+    analyze.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a method parameter",
     )
 
     selftest = sub.add_parser("selftest", help="check every instrument of a stand")
@@ -72,7 +82,9 @@ def _build_parser() -> argparse.ArgumentParser:
 class Progress:
     """A progress bar with ETA on stderr, fed by the document stream."""
 
-    def __init__(self, stream: TextIO = sys.stderr, *, label: str = "", min_interval_s: float = 0.2) -> None:
+    def __init__(
+        self, stream: TextIO = sys.stderr, *, label: str = "", min_interval_s: float = 0.2
+    ) -> None:
         self.stream = stream
         self.label = label
         self.tty = stream.isatty()
@@ -98,7 +110,11 @@ class Progress:
         total = max(self.total, 1)
         fraction = min(self.done / total, 1.0)
         decile = int(fraction * 10)
-        if not final and now - self._last < self.min_interval_s and (self.tty or decile == self._last_decile):
+        if (
+            not final
+            and now - self._last < self.min_interval_s
+            and (self.tty or decile == self._last_decile)
+        ):
             return
         if not self.tty and not final and decile == self._last_decile:
             return
@@ -122,7 +138,10 @@ class Progress:
 def _setup_logging(verbose: bool, logfile: Path | None = None) -> logging.Handler | None:
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    if not any(isinstance(h, logging.StreamHandler) and getattr(h, "_teststand", False) for h in root.handlers):
+    if not any(
+        isinstance(h, logging.StreamHandler) and getattr(h, "_teststand", False)
+        for h in root.handlers
+    ):
         console = logging.StreamHandler(sys.stderr)
         console.setLevel(logging.DEBUG if verbose else logging.WARNING)
         console.setFormatter(logging.Formatter("teststand: %(levelname)s: %(message)s"))
@@ -164,7 +183,7 @@ def _fmt(value: Any) -> str:
 
 # -- commands ----------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from .runner import execute, prepare_run
+    from .runner import prepare_run
 
     prepared = prepare_run(args.recipe, args.stand, args.out, seed=args.seed)
     handler = _setup_logging(args.verbose, prepared.log_path)
@@ -183,7 +202,12 @@ def _run_prepared(prepared: Any, args: argparse.Namespace) -> int:
     sim_tag = "SIMULATED " if prepared.stand.simulated else ""
     log.info(
         "%srun %s: recipe %s (%s) on stand %s, seed %s",
-        sim_tag, meta.run_id, meta.recipe_name, meta.kind, meta.stand_name, meta.seed,
+        sim_tag,
+        meta.run_id,
+        meta.recipe_name,
+        meta.kind,
+        meta.stand_name,
+        meta.seed,
     )
     if prepared.stand.simulated:
         print(
@@ -203,7 +227,10 @@ def _run_prepared(prepared: Any, args: argparse.Namespace) -> int:
     result = outcome.result
     log.info(
         "run %s ended %s after %d steps%s",
-        result.run_id, result.status, result.n_steps, f": {result.reason}" if result.reason else "",
+        result.run_id,
+        result.status,
+        result.n_steps,
+        f": {result.reason}" if result.reason else "",
     )
     print(f"{sim_tag}run {result.run_id} {result.status}: {result.n_steps} steps")
     print(f"run file: {prepared.run_path}")
@@ -257,7 +284,9 @@ def _print_summary(run_path: Path) -> None:
                 print(f"analysis {method}: not possible ({exc})")
     print(f"\nsummary: {steps.size} steps, {int(steps['n_hits'].sum())} hits")
     headers = ["channel", "hits", "hits/step"]
-    rows: list[list[Any]] = [[c, int(per_channel[c]), per_channel[c] / n_active] for c in range(n_channels)]
+    rows: list[list[Any]] = [
+        [c, int(per_channel[c]), per_channel[c] / n_active] for c in range(n_channels)
+    ]
     if result is not None and result.method == "scurve":
         table = result.table
         headers += ["baseline_code", "noise_code", "flag"]
@@ -278,7 +307,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         path,
         result.method,
         result.table,
-        {"method": result.method, "parameters": json.dumps(result.parameters), "software_version": __version__},
+        {
+            "method": result.method,
+            "parameters": json.dumps(result.parameters),
+            "software_version": __version__,
+        },
     )
     doc = {"method": result.method, "run_file": str(path), "channels": result.json_channels}
     if args.json_out:
@@ -289,7 +322,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     keys = [k for k in (result.json_channels[0] if result.json_channels else {}) if k != "channel"]
     scalar = [k for k in keys if not isinstance(result.json_channels[0][k], list)]
     print(f"{result.method} of {path}")
-    print(_format_table(["channel", *scalar], [[row["channel"], *(row[k] if row[k] is not None else float("nan") for k in scalar)] for row in result.json_channels]))
+    print(
+        _format_table(
+            ["channel", *scalar],
+            [
+                [row["channel"], *(row[k] if row[k] is not None else float("nan") for k in scalar)]
+                for row in result.json_channels
+            ],
+        )
+    )
     return EXIT_OK
 
 
@@ -299,7 +340,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     with RunFile(Path(args.run_file)) as run:
         attrs = run.attrs
         print(f"run file {args.run_file}")
-        for key in ("format", "format_version", "run_id", "recipe", "kind", "status", "stand", "simulated", "started_utc", "finished_utc", "software_version", "settings_sha256"):
+        for key in (
+            "format",
+            "format_version",
+            "run_id",
+            "recipe",
+            "kind",
+            "status",
+            "stand",
+            "simulated",
+            "started_utc",
+            "finished_utc",
+            "software_version",
+            "settings_sha256",
+        ):
             print(f"  {key:17s} {attrs.get(key, '')}")
         steps = run.steps
         print(f"  steps             {steps.size}   axes: {', '.join(run.axes)}")
@@ -322,8 +376,11 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         print(f"SIMULATED stand {stand.config.name!r}", file=sys.stderr)
     report = run_selftest(stand, seed=args.seed)
     for check in report.checks:
-        print(f"{'PASS' if check.passed else 'FAIL'}  {check.instrument:8s} {check.name}: {check.detail}")
-    print(f"selftest {'passed' if report.passed else 'FAILED'}: {sum(c.passed for c in report.checks)}/{len(report.checks)} checks")
+        verdict = "PASS" if check.passed else "FAIL"
+        print(f"{verdict}  {check.instrument:8s} {check.name}: {check.detail}")
+    n_passed = sum(c.passed for c in report.checks)
+    verdict = "passed" if report.passed else "FAILED"
+    print(f"selftest {verdict}: {n_passed}/{len(report.checks)} checks")
     return EXIT_OK if report.passed else EXIT_FAILED
 
 

@@ -97,21 +97,31 @@ def analyze_scurve(run: RunFile, params: Mapping[str, float]) -> MethodResult:
 
 
 #: method name -> (function, default parameters)
-METHODS: dict[str, tuple[Callable[[RunFile, Mapping[str, float]], MethodResult], dict[str, float]]] = {
+METHODS: dict[
+    str, tuple[Callable[[RunFile, Mapping[str, float]], MethodResult], dict[str, float]]
+] = {
     "scurve": (analyze_scurve, {}),
 }
 
 #: the default method for a run of each plan kind
-DEFAULT_METHOD = {"threshold_scan": "scurve", "awc_calibration": "awc", "hptdc_timewalk": "timewalk"}
+DEFAULT_METHOD = {
+    "threshold_scan": "scurve",
+    "awc_calibration": "awc",
+    "hptdc_timewalk": "timewalk",
+}
 
 
 def run_method(run: RunFile, method: str | None, params: Mapping[str, float]) -> MethodResult:
     """Apply ``method`` (or the default for the run's kind) to ``run``."""
     name = method or DEFAULT_METHOD.get(run.kind)
     if name is None:
-        raise UserInputError(f"{run.path}: no default analysis for kind {run.kind!r}; pass --method")
+        raise UserInputError(
+            f"{run.path}: no default analysis for kind {run.kind!r}; pass --method"
+        )
     if name not in METHODS:
-        raise UserInputError(f"--method: expected one of {', '.join(sorted(METHODS))}, got {name!r}")
+        raise UserInputError(
+            f"--method: expected one of {', '.join(sorted(METHODS))}, got {name!r}"
+        )
     function, defaults = METHODS[name]
     unknown = sorted(set(params) - set(defaults))
     if unknown:

@@ -46,7 +46,9 @@ class RunOutcome:
     simulated: bool
 
 
-def prepare_run(recipe_spec: str, stand_spec: str, out_dir: str | Path, *, seed: int | None = None) -> PreparedRun:
+def prepare_run(
+    recipe_spec: str, stand_spec: str, out_dir: str | Path, *, seed: int | None = None
+) -> PreparedRun:
     """Validate recipe and stand (no instrument is touched) and choose the run file's name.
 
     Raises:
@@ -99,7 +101,10 @@ def execute(
         plan = prepared.recipe.build_plan(station.info)
         meta.channels = station.info.channels
         meta.truth = station.truth()
-        engine = RunEngine(station.instruments, safe_order=station.safe_order, block_triggers=block_triggers)
+        meta.truth_attrs = station.truth_attrs()
+        engine = RunEngine(
+            station.instruments, safe_order=station.safe_order, block_triggers=block_triggers
+        )
         writer = RunWriter(prepared.run_path)
         engine.subscribe(writer)
         for subscriber in subscribers:

@@ -59,7 +59,9 @@ def _acquire(readout: Any, n_triggers: int) -> np.ndarray:
     return np.concatenate(blocks) if blocks else block
 
 
-def run_selftest(stand: StandFile, *, seed: int | None = None, n_triggers: int = 200) -> SelftestReport:
+def run_selftest(
+    stand: StandFile, *, seed: int | None = None, n_triggers: int = 200
+) -> SelftestReport:
     """Connect ``stand``, run every check and leave the stand safe."""
     report = SelftestReport(stand.config.name, stand.simulated)
     try:
@@ -112,6 +114,7 @@ def _checks(station: Station, check: Callable[[str, str, Callable[[], str]], Non
     n_channels = station.info.n_channels
     dac = inst.get("dac")
     if dac is not None:
+
         def dac_setting() -> str:
             dac.set_code("t1", 0, 20)
             if int(dac.codes("t1")[0]) != 20:

@@ -22,15 +22,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .core.hits import CHANNEL_DTYPE
 from .errors import ConnectionFailed, StandError
 from .sequences import StandInfo
 
 log = logging.getLogger(__name__)
 
-#: The ``/channels`` compound of run-file format version 1.
-CHANNEL_DTYPE = np.dtype(
-    [("channel", "<u2"), ("plane", "<i2"), ("bar", "<i2"), ("board", "<i2"), ("delay_ns", "<f4")]
-)
 
 #: Instrument names a stand may define, and the drivers that may fill them.
 ROLES: dict[str, tuple[str, ...]] = {
@@ -99,16 +96,21 @@ class StandConfig(_Strict):
     def _consistent(self) -> StandConfig:
         for name, inst in self.instruments.items():
             if name not in ROLES:
-                raise ValueError(f"instruments.{name}: unknown instrument (expected one of laser, dac, readout)")
-            if inst.driver not in ROLES[name]:
                 raise ValueError(
-                    f"instruments.{name}.driver: expected {' or '.join(ROLES[name])}, got {inst.driver!r}"
+                    f"instruments.{name}: unknown instrument (expected one of laser, dac, readout)"
+                )
+            if inst.driver not in ROLES[name]:
+                expected = " or ".join(ROLES[name])
+                raise ValueError(
+                    f"instruments.{name}.driver: expected {expected}, got {inst.driver!r}"
                 )
         if "readout" not in self.instruments:
             raise ValueError("instruments.readout: missing (required)")
         expected = "TofhirReadout" if self.readout == "tofhir" else "HptdcReadout"
         if self.instruments["readout"].driver != expected:
-            raise ValueError(f"instruments.readout.driver: readout = {self.readout!r} needs {expected}")
+            raise ValueError(
+                f"instruments.readout.driver: readout = {self.readout!r} needs {expected}"
+            )
         if self.readout == "tofhir" and "dac" not in self.instruments:
             raise ValueError("instruments.dac: missing (a TOFHIR2 stand needs its threshold DAC)")
         unknown = [n for n in self.safe_order if n not in self.instruments]
@@ -135,9 +137,7 @@ class StandConfig(_Strict):
 def shipped_stands() -> dict[str, Path]:
     """Name -> path of the stand files shipped with the package."""
     folder = resources.files("teststand") / "stands"
-    return {
-        Path(str(e)).stem: Path(str(e)) for e in folder.iterdir() if str(e).endswith(".toml")
-    }
+    return {Path(str(e)).stem: Path(str(e)) for e in folder.iterdir() if str(e).endswith(".toml")}
 
 
 def resolve_stand(spec: str) -> Path:
@@ -147,9 +147,8 @@ def resolve_stand(spec: str) -> Path:
         return shipped[spec]
     path = Path(spec)
     if not path.exists():
-        raise StandError(
-            f"{spec}: no such stand file and no shipped stand of that name ({', '.join(sorted(shipped))})"
-        )
+        names = ", ".join(sorted(shipped))
+        raise StandError(f"{spec}: no such stand file and no shipped stand of that name ({names})")
     return path
 
 
@@ -240,6 +239,10 @@ class Station:
     def truth(self) -> np.ndarray | None:
         """The simulator's per-channel truth (``None`` on a real stand)."""
         return None if self.model is None else self.model.truth()
+
+    def truth_attrs(self) -> dict[str, float]:
+        """Stand-wide true parameters of the simulator (laser jitter, ...); empty when real."""
+        return {} if self.model is None else dict(self.model.truth_attrs())
 
     def safe_state(self) -> list[str]:
         """Put every instrument in its safe state; returns the errors (empty when all went)."""
@@ -353,7 +356,10 @@ def connect(stand: StandFile, *, seed: int | None = None) -> Station:
             if cfg.simulation.model == "tofhir":
                 dac = instruments["dac"]
                 model = TofhirModel(
-                    channels, int(seed or 0), non_scaling=cfg.simulation.non_scaling, lsb_uA=dac.lsb_uA
+                    channels,
+                    int(seed or 0),
+                    non_scaling=cfg.simulation.non_scaling,
+                    lsb_uA=dac.lsb_uA,
                 )
             else:
                 model = HptdcModel(channels, int(seed or 0))

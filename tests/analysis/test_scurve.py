@@ -158,3 +158,24 @@ def test_end_to_end_from_hits() -> None:
     assert (res["flag"] == "").all()
     np.testing.assert_allclose(res["baseline_code"], x0, atol=0.1)
     np.testing.assert_allclose(res["noise_code"], sigma, rtol=0.06)
+
+
+def test_simulated_threshold_scan() -> None:
+    """Laser off, T1 codes stepped: the simulator's noise hits give back its baselines and noise."""
+    from teststand.sim.physics import AcquisitionState, TofhirModel, demo_tofhir_channels
+
+    model = TofhirModel(demo_tofhir_channels(8), seed=4)
+    codes = np.arange(0, 30)
+    n_trig = 2000
+    blocks = []
+    for code in codes:
+        c = np.full(16, code)
+        blocks.append(model.generate(n_trig, AcquisitionState(False, t1_codes=c, t2_codes=c)))
+    step = np.repeat(np.arange(codes.size), [b.size for b in blocks])
+    hits = np.concatenate(blocks)
+    counts = scurve_counts(hits["channel"], step, 16, codes, n_trig, hits_event=hits["event"])
+    res = fit_scurves(*counts)
+    truth = model.truth()
+    assert (res["flag"] == "").all()
+    np.testing.assert_allclose(res["baseline_code"], truth["baseline"], atol=0.1)
+    np.testing.assert_allclose(res["noise_code"], truth["noise"], rtol=0.05)

@@ -34,18 +34,40 @@ BAD_RECIPES = {
     "unknown kind": ('kind = "make_coffee"\n', "kind: expected one of"),
     "kind of wrong type": ("kind = 3\n", "kind: expected one of"),
     "unknown top-level key": (GOOD_RECIPE + 'colour = "red"\n', "colour: unknown key"),
-    "wrong type": (GOOD_RECIPE.replace("n_triggers = 100", 'n_triggers = "many"'), "parameters.n_triggers"),
-    "float for int": (GOOD_RECIPE.replace("n_triggers = 100", "n_triggers = 1.5"), "parameters.n_triggers"),
-    "out of range": (GOOD_RECIPE.replace("n_triggers = 100", "n_triggers = 0"), "parameters.n_triggers"),
+    "wrong type": (
+        GOOD_RECIPE.replace("n_triggers = 100", 'n_triggers = "many"'),
+        "parameters.n_triggers",
+    ),
+    "float for int": (
+        GOOD_RECIPE.replace("n_triggers = 100", "n_triggers = 1.5"),
+        "parameters.n_triggers",
+    ),
+    "out of range": (
+        GOOD_RECIPE.replace("n_triggers = 100", "n_triggers = 0"),
+        "parameters.n_triggers",
+    ),
     "negative code": (GOOD_RECIPE.replace("start = 0", "start = -4"), "parameters.codes.start"),
-    "stop below start": (GOOD_RECIPE.replace("stop = 63", "stop = -1").replace("start = 0,", "start = 5,"), "parameters.codes"),
+    "stop below start": (
+        GOOD_RECIPE.replace("stop = 63", "stop = -1").replace("start = 0,", "start = 5,"),
+        "parameters.codes",
+    ),
     "unknown parameter": (GOOD_RECIPE + "speed = 3\n", "parameters.speed: unknown key"),
-    "missing required parameter": (AWC.replace("intensities_pct = [20.0, 50.0]\n", ""), "parameters.intensities_pct: missing"),
+    "missing required parameter": (
+        AWC.replace("intensities_pct = [20.0, 50.0]\n", ""),
+        "parameters.intensities_pct: missing",
+    ),
     "intensity above 100 %": (AWC.replace("50.0]", "150.0]"), "parameters.intensities_pct.1"),
     "zero step": (AWC.replace("step = 0.3125", "step = 0.0"), "parameters.thr2_uA.step"),
-    "parameters not a table": ('kind = "threshold_scan"\nparameters = 3\n', "parameters: expected a table"),
+    "parameters not a table": (
+        'kind = "threshold_scan"\nparameters = 3\n',
+        "parameters: expected a table",
+    ),
     "bar not in stand": (AWC + "bars = [0, 99]\n", "bars [99] are not in stand"),
-    "hptdc recipe on tofhir stand": ('kind = "hptdc_timewalk"\n[parameters]\nintensities_pct = {start=10.0, stop=20.0, step=5.0}\n', "needs a HPTDC stand"),
+    "hptdc recipe on tofhir stand": (
+        'kind = "hptdc_timewalk"\n[parameters]\n'
+        "intensities_pct = {start=10.0, stop=20.0, step=5.0}\n",
+        "needs a HPTDC stand",
+    ),
 }
 
 SIM = resolve_stand("sim").read_text()
@@ -53,10 +75,19 @@ SIM = resolve_stand("sim").read_text()
 BAD_STANDS = {
     "stand not TOML": ("[[[", "not valid TOML"),
     "stand missing readout": (SIM.replace('readout = "tofhir"\n', ""), "readout: missing"),
-    "stand unknown driver": (SIM.replace('driver = "LaserPulser"', 'driver = "Toaster"'), "instruments.laser.driver"),
+    "stand unknown driver": (
+        SIM.replace('driver = "LaserPulser"', 'driver = "Toaster"'),
+        "instruments.laser.driver",
+    ),
     "stand bad timeout": (SIM.replace("timeout_s = 2.0", "timeout_s = -1.0", 1), "timeout_s"),
-    "stand duplicate channel": (SIM.replace("channel =  1,", "channel =  0,"), "channel numbers must be unique"),
-    "stand safe_order unknown": (SIM.replace('safe_order = ["laser", "readout", "dac"]', 'safe_order = ["laser", "pump"]'), "safe_order"),
+    "stand duplicate channel": (
+        SIM.replace("channel =  1,", "channel =  0,"),
+        "channel numbers must be unique",
+    ),
+    "stand safe_order unknown": (
+        SIM.replace('safe_order = ["laser", "readout", "dac"]', 'safe_order = ["laser", "pump"]'),
+        "safe_order",
+    ),
     "stand channel of wrong type": (SIM.replace("bar =  0,", 'bar = "zero",', 1), "channels.0.bar"),
     "stand no dac on tofhir": (SIM.replace("[instruments.dac]", "[unused]"), "unused: unknown key"),
 }
@@ -81,7 +112,9 @@ def test_bad_recipe_is_one_line_exit_2(case, tmp_path, capsys, no_instruments):
     text, expected = BAD_RECIPES[case]
     path = tmp_path / "recipe.toml"
     path.write_text(text)
-    code, out, err = _run_cli(["run", str(path), "--out", str(tmp_path / "o"), "--no-progress"], capsys)
+    code, out, err = _run_cli(
+        ["run", str(path), "--out", str(tmp_path / "o"), "--no-progress"], capsys
+    )
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -94,7 +127,9 @@ def test_bad_stand_is_one_line_exit_2(case, tmp_path, capsys, no_instruments):
     text, expected = BAD_STANDS[case]
     path = tmp_path / "stand.toml"
     path.write_text(text)
-    code, out, err = _run_cli(["run", "threshold-scan", "--stand", str(path), "--out", str(tmp_path)], capsys)
+    code, out, err = _run_cli(
+        ["run", "threshold-scan", "--stand", str(path), "--out", str(tmp_path)], capsys
+    )
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -129,7 +164,9 @@ def test_bad_recipe_through_the_installed_command(tmp_path):
     path.write_text("kind = 'threshold_scan'\n[parameters]\nn_triggers = -5\n")
     proc = subprocess.run(
         [sys.executable, "-m", "teststand.cli", "run", str(path), "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "parameters.n_triggers" in proc.stderr

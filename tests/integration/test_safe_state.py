@@ -90,7 +90,9 @@ def test_safe_after_exception_mid_scan(tmp_path):
 
 
 def test_safe_after_abort(tmp_path):
-    outcome, _, seen = _run(tmp_path, lambda engine, station: engine.abort("operator pressed abort"))
+    outcome, _, seen = _run(
+        tmp_path, lambda engine, station: engine.abort("operator pressed abort")
+    )
     assert outcome.result.status == "aborted"
     assert seen["status"] == "aborted"
     _assert_safe(seen)

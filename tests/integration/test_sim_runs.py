@@ -40,7 +40,8 @@ def test_threshold_scan_recovers_baseline_and_noise(tmp_path, seed):
 
 def test_same_seed_same_hits(tmp_path):
     recipe = _small_recipe(
-        tmp_path, "tiny",
+        tmp_path,
+        "tiny",
         'kind = "threshold_scan"\n[parameters]\ncodes = {start = 8, stop = 20, step = 4}\n'
         "n_triggers = 50\n",
     )
@@ -66,7 +67,14 @@ def test_awc_calibration_file_is_valid_v1(tmp_path):
         assert attrs["format"] == "teststand.run" and attrs["format_version"] == 1
         assert attrs["kind"] == "awc_calibration" and attrs["status"] == "completed"
         assert attrs["simulated"] and attrs["recipe"] == "awc-calibration"
-        for key in ("run_id", "started_utc", "finished_utc", "software_version", "stand", "settings_sha256"):
+        for key in (
+            "run_id",
+            "started_utc",
+            "finished_utc",
+            "software_version",
+            "stand",
+            "settings_sha256",
+        ):
             assert attrs[key], key
         steps = f["/steps"][()]
         hits = f["/hits"]
@@ -91,8 +99,10 @@ def test_awc_calibration_file_is_valid_v1(tmp_path):
 
 def test_hptdc_timewalk_runs(tmp_path):
     recipe = _small_recipe(
-        tmp_path, "tw",
-        'kind = "hptdc_timewalk"\n[parameters]\nintensities_pct = {start = 20.0, stop = 80.0, step = 20.0}\n'
+        tmp_path,
+        "tw",
+        'kind = "hptdc_timewalk"\n[parameters]\n'
+        "intensities_pct = {start = 20.0, stop = 80.0, step = 20.0}\n"
         "n_pulses = 200\n",
     )
     outcome = run_recipe(recipe, "sim-hptdc", tmp_path, seed=4)
@@ -108,7 +118,8 @@ def test_hptdc_timewalk_runs(tmp_path):
 
 def test_cli_run_analyze_info(tmp_path, capsys):
     recipe = _small_recipe(
-        tmp_path, "scan",
+        tmp_path,
+        "scan",
         'kind = "threshold_scan"\n[parameters]\ncodes = {start = 0, stop = 40, step = 1}\n'
         'n_triggers = 300\nlaser_modes = ["off"]\n',
     )

@@ -116,7 +116,9 @@ def test_abort_from_another_thread():
 def test_signal_abort_is_interrupted():
     inst = _stand()
     engine = RunEngine(inst, safe_order=["laser"])
-    engine.subscribe(lambda n, d: engine.abort("SIGTERM received", signal=True) if n == "step" else None)
+    engine.subscribe(
+        lambda n, d: engine.abort("SIGTERM received", signal=True) if n == "step" else None
+    )
     result = engine.run(_plan(n_steps=5), RunMetadata(recipe_name="t", kind="test"))
     assert result.status == "interrupted" and result.n_steps == 1
     assert all(i.is_safe() for i in inst.values())

@@ -43,7 +43,9 @@ def test_threshold_scan_messages(tofhir):
     t1_sets = [m for m in msgs if m.command == "call" and m.args[:2] == ("set_codes", "t1")]
     assert len(t1_sets) == 128 and all(len(m.args[2]) == 32 for m in t1_sets)
     # the laser is switched on only for the second half, and the plan ends in the safe state
-    on = [k for k, m in enumerate(msgs) if m.command == "set" and m.args == ("output_enabled", True)]
+    on = [
+        k for k, m in enumerate(msgs) if m.command == "set" and m.args == ("output_enabled", True)
+    ]
     assert len(on) == 1
     assert [m.obj for m in msgs[-3:]] == ["laser", "readout", "dac"]
     assert all(m.command == "safe_state" for m in msgs[-3:])
@@ -61,8 +63,13 @@ def test_awc_plan_with_given_baselines(tofhir):
     thr2 = [3.0 + 0.3125 * k for k in range(23)]
     msgs = list_messages(
         awc_calibration(
-            tofhir, bars=[0, 5], intensities_pct=[20, 50, 100], thr1_uA=6.0, thr2_uA=thr2,
-            n_pulses=500, baseline_codes=baselines,
+            tofhir,
+            bars=[0, 5],
+            intensities_pct=[20, 50, 100],
+            thr1_uA=6.0,
+            thr2_uA=thr2,
+            n_pulses=500,
+            baseline_codes=baselines,
         )
     )
     steps = _steps(msgs)
@@ -104,8 +111,14 @@ def test_awc_plan_measures_baselines_first(tofhir):
 
     msgs = list_messages(
         awc_calibration(
-            tofhir, bars=[0], intensities_pct=[20, 50], thr1_uA=6.0, thr2_uA=[3.0, 10.0],
-            n_pulses=100, baseline_scan_codes=range(40), baseline_scan_triggers=400,
+            tofhir,
+            bars=[0],
+            intensities_pct=[20, 50],
+            thr1_uA=6.0,
+            thr2_uA=[3.0, 10.0],
+            n_pulses=100,
+            baseline_scan_codes=range(40),
+            baseline_scan_triggers=400,
         ),
         reply_tracking,
     )

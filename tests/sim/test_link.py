@@ -85,8 +85,9 @@ class FakeDac:
         return {"t1": self.t1, "t2": self.t2}[disc].copy()
 
 
-def make(seed: int = 1, **kwargs: object) -> tuple[SimulatedReadoutLink, FakeControl,
-                                                    FakeLaser, FakeDac, TofhirModel]:
+def make(
+    seed: int = 1, **kwargs: object
+) -> tuple[SimulatedReadoutLink, FakeControl, FakeLaser, FakeDac, TofhirModel]:
     control, laser, dac = FakeControl(), FakeLaser(), FakeDac()
     model = TofhirModel(CHANNELS, seed)
     link = SimulatedReadoutLink(control, model, laser=laser, dac=dac, **kwargs)  # type: ignore[arg-type]
@@ -126,9 +127,15 @@ def test_acquisition_serves_the_model_hits_in_blocks() -> None:
     assert link.query("ACQ:DONE?") == "1"
     hits, n_blocks = fetch_all(link)
     assert n_blocks == 7  # 6400 hits in blocks of at most 1000
+    # the model, asked for the same chunks of triggers, gives the same hits
+    assert link.events_per_chunk == 1000 // 32
     twin = TofhirModel(CHANNELS, 4)
-    expected = twin.generate(200, link.last_state)  # type: ignore[arg-type]
-    assert hits.tobytes() == expected.tobytes()
+    chunks = []
+    for first in range(0, 200, 31):
+        chunk = twin.generate(min(31, 200 - first), link.last_state)  # type: ignore[arg-type]
+        chunk["event"] += first
+        chunks.append(chunk)
+    assert hits.tobytes() == np.concatenate(chunks).tobytes()
     link.write("ACQ:STOP")
     # every control-plane command went to the instrument, no data-plane query did
     assert control.sent == ["ACQ:COUNT 200", "ACQ:START", "CONF:MASK?", "ACQ:STOP"]
@@ -210,6 +217,7 @@ def test_injected_timeout_on_fetch_loses_nothing() -> None:
     assert err.value.instrument == "tofhir" and err.value.command == "FETCH?"
     hits, _ = fetch_all(link)  # the next ones work, and nothing was lost
     assert hits.size == 10 * 32
+    assert np.array_equal(hits["event"], np.repeat(np.arange(10), 32))
 
 
 def test_injected_garbled_block_raises_reply_error() -> None:
@@ -222,7 +230,7 @@ def test_injected_garbled_block_raises_reply_error() -> None:
     link.clear()  # what the Instrument base does before its next command
     assert control.cleared == 1
     hits, _ = fetch_all(link)
-    assert hits.size == 10 * 32 - 100  # the garbled block is lost
+    assert hits.size == 10 * 32 - 96  # the garbled block (3 events of 32 hits) is lost
 
 
 def test_injected_faults_on_text_replies() -> None:
@@ -256,7 +264,7 @@ def test_text_read_of_a_block_is_a_reply_error() -> None:
 def test_trigger_rate_makes_the_acquisition_take_time() -> None:
     link, _, laser, dac, model = make(trigger_rate_hz=1000.0)
     operate(laser, dac, model)
-    link.write("ACQ:START 1000000")
+    link.write("ACQ:START 100000")
     assert link.query("ACQ:DONE?") == "0"
     time.sleep(0.02)
     early, _ = fetch_all(link)
@@ -266,3 +274,39 @@ def test_trigger_rate_makes_the_acquisition_take_time() -> None:
     rest, _ = fetch_all(link)
     n_events = int(np.concatenate([early, rest])["event"].max()) + 1
     assert n_events < 1000  # stopped early: later triggers never happened
+
+
+def test_blocks_end_on_event_boundaries() -> None:
+    link, _, laser, dac, model = make(max_block_hits=100)
+    codes = np.round(model.baseline).astype(int)  # noise: a varying number of hits per event
+    laser._on, laser.intensity_value = True, 30.0
+    dac.t1, dac.t2 = codes, codes
+    link.write("ACQ:START 200")
+    first_events, last_events = [], []
+    while payload := link.query_block("FETCH?"):
+        block = np.frombuffer(payload, dtype=HIT_DTYPE)
+        assert 0 < block.size <= 100
+        first_events.append(block["event"][0])
+        last_events.append(block["event"][-1])
+    assert all(a < b for a, b in zip(last_events[:-1], first_events[1:], strict=True))
+    assert last_events[-1] == 199
+
+
+def test_hits_do_not_depend_on_when_they_are_fetched() -> None:
+    slow, _, laser_s, dac_s, model_s = make(seed=9, trigger_rate_hz=4000.0, max_block_hits=320)
+    fast, _, laser_f, dac_f, model_f = make(seed=9, max_block_hits=320)
+    operate(laser_s, dac_s, model_s)
+    operate(laser_f, dac_f, model_f)
+    slow.write("ACQ:START 200")  # 50 ms
+    fast.write("ACQ:START 200")
+    trickled = []
+    while True:
+        done = slow.query("ACQ:DONE?") == "1"
+        payload = slow.query_block("FETCH?")
+        if payload:
+            trickled.append(np.frombuffer(payload, dtype=HIT_DTYPE))
+        elif done:
+            break
+    assert len(trickled) > 2
+    at_once, _ = fetch_all(fast)
+    assert np.concatenate(trickled).tobytes() == at_once.tobytes()

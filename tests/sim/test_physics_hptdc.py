@@ -35,8 +35,14 @@ def test_same_seed_same_truth_and_hits() -> None:
 
 def test_truth_fields_and_ranges() -> None:
     t = HptdcModel(CHANNELS, 1).truth()
-    for name, lo, hi in (("p0_ns", 0.4, 3.5), ("p1_ns", 9.0, 15.0), ("p2_ns", 0.2, 2.5),
-                         ("p3_ns", 5.0, 8.5), ("sigma_ns", 0.05, 0.10), ("t0_ns", 0.1, 1.0)):
+    for name, lo, hi in (
+        ("p0_ns", 0.4, 3.5),
+        ("p1_ns", 9.0, 15.0),
+        ("p2_ns", 0.2, 2.5),
+        ("p3_ns", 5.0, 8.5),
+        ("sigma_ns", 0.05, 0.10),
+        ("t0_ns", 0.1, 1.0),
+    ):
         assert np.all((t[name] >= lo) & (t[name] <= hi)), name
     assert np.all(t["p2_ns"] >= t["p0_ns"] / 4)  # walk slope at most 1 ns per ns of ToT
     np.testing.assert_allclose(t["offset_ns"], t["t0_ns"] + t["delay_ns"] + t["board_delay_ns"])
@@ -55,8 +61,10 @@ def test_tot_spans_8_to_20_ns_over_the_laser_range() -> None:
 
 def test_walk_follows_the_sigmoid() -> None:
     model = HptdcModel(CHANNELS, 3, noise_prob=0.0)
-    runs = [model.generate(1500, AcquisitionState(True, i, 0))
-            for i in np.linspace(intensity_for(40.0), 100.0, 8)]
+    runs = [
+        model.generate(1500, AcquisitionState(True, i, 0))
+        for i in np.linspace(intensity_for(40.0), 100.0, 8)
+    ]
     hits = np.concatenate(runs)
     rows = model.index_of(hits["channel"])
     residual = hits["t1"] - model.offset_ns[rows] - model.walk(rows, hits["tot"])
@@ -64,13 +72,13 @@ def test_walk_follows_the_sigmoid() -> None:
     mean = np.bincount(rows, residual) / count
     std = np.sqrt(np.bincount(rows, residual**2) / count - mean**2)
     # what is left: intrinsic resolution, laser jitter and the 24.4 ps binning of t1 and ToT
-    expected = np.sqrt(model.sigma_ns**2 + model.laser.time_jitter_ns**2
-                       + HPTDC_BIN_NS**2 / 12)
+    expected = np.sqrt(model.sigma_ns**2 + model.laser.time_jitter_ns**2 + HPTDC_BIN_NS**2 / 12)
     assert np.all(np.abs(mean) < 5 * std / np.sqrt(count))
     np.testing.assert_allclose(std, expected, rtol=0.08)
     # and the walk itself is large compared with that: p0 between the two ends of the range
     span = hptdc_walk(8.0, model.p0, model.p1, model.p2, 0) - hptdc_walk(
-        20.0, model.p0, model.p1, model.p2, 0)
+        20.0, model.p0, model.p1, model.p2, 0
+    )
     assert np.all(span > 0.3)
 
 

@@ -25,11 +25,18 @@ def codes_for(model: TofhirModel, thr_uA: float) -> np.ndarray:
     return np.round(model.baseline + thr_uA / model.lsb_uA).astype(int)
 
 
-def state(model: TofhirModel, intensity: float, thr1: float = THR1_OP_UA,
-          thr2: float = THR2_OP_UA, *, laser_on: bool = True, fibre: int = 0
-          ) -> AcquisitionState:
-    return AcquisitionState(laser_on, intensity, fibre, codes_for(model, thr1),
-                            codes_for(model, thr2))
+def state(
+    model: TofhirModel,
+    intensity: float,
+    thr1: float = THR1_OP_UA,
+    thr2: float = THR2_OP_UA,
+    *,
+    laser_on: bool = True,
+    fibre: int = 0,
+) -> AcquisitionState:
+    return AcquisitionState(
+        laser_on, intensity, fibre, codes_for(model, thr1), codes_for(model, thr2)
+    )
 
 
 def intensity_for(n_pe: float) -> float:
@@ -61,8 +68,10 @@ def test_different_seeds_differ() -> None:
 
 
 def test_non_scaling_changes_only_the_exponent_slope() -> None:
-    plain, bent = TofhirModel(CHANNELS, 3).truth(), TofhirModel(CHANNELS, 3,
-                                                                 non_scaling=True).truth()
+    plain, bent = (
+        TofhirModel(CHANNELS, 3).truth(),
+        TofhirModel(CHANNELS, 3, non_scaling=True).truth(),
+    )
     assert np.all(plain["n_slope"] == 0) and np.all(bent["n_slope"] > 0)
     for name in plain.dtype.names:
         if name != "n_slope":
@@ -142,24 +151,28 @@ def test_walk_is_1_to_4_ns_over_the_laser_range() -> None:
         rows = np.arange(model.n_channels)
         a_small = model.mean_amplitude_uA(intensity_for(40.0))
         a_large = model.mean_amplitude_uA(100.0)
-        walk = (model.noiseless_crossing_time(rows, a_small, THR1_OP_UA)
-                - model.noiseless_crossing_time(rows, a_large, THR1_OP_UA))
+        walk = model.noiseless_crossing_time(
+            rows, a_small, THR1_OP_UA
+        ) - model.noiseless_crossing_time(rows, a_large, THR1_OP_UA)
         assert np.all((walk > 1.0) & (walk < 4.0)), walk
     # and in the data: smaller pulses cross later
     model = TofhirModel(CHANNELS, 0)
     low = model.generate(300, state(model, intensity_for(60.0)))
     high = model.generate(300, state(model, 100.0))
-    late = (np.bincount(low["channel"], low["t1"]) / np.bincount(low["channel"])
-            - np.bincount(high["channel"], high["t1"]) / np.bincount(high["channel"]))
+    late = np.bincount(low["channel"], low["t1"]) / np.bincount(low["channel"]) - np.bincount(
+        high["channel"], high["t1"]
+    ) / np.bincount(high["channel"])
     assert np.all((late > 0.5) & (late < 4.0))
 
 
-def _expected_mean_time(model: TofhirModel, rows: np.ndarray, intensity: float,
-                        thr: np.ndarray, n_mc: int = 200_000) -> np.ndarray:
+def _expected_mean_time(
+    model: TofhirModel, rows: np.ndarray, intensity: float, thr: np.ndarray, n_mc: int = 200_000
+) -> np.ndarray:
     """E[offset + tau (thr/A)^(1/n)] over the photostatistics and laser jitter (Monte Carlo)."""
     rng = np.random.default_rng(99)
-    lam = mean_photoelectrons(intensity) * (1 + model.laser.intensity_jitter
-                                            * rng.standard_normal(n_mc))
+    lam = mean_photoelectrons(intensity) * (
+        1 + model.laser.intensity_jitter * rng.standard_normal(n_mc)
+    )
     npe = rng.poisson(lam)
     a = npe[:, None] * model.gain[rows]
     t = model.noiseless_crossing_time(rows, a, thr)
@@ -195,8 +208,9 @@ def test_awc_truth_is_t1_minus_offset_times_slope_on_noiseless_pulses() -> None:
         t2 = model.noiseless_crossing_time(rows, amplitude, thr2)
         slope = (thr2 - thr1) / (t2 - t1)
         awc = (t1 - model.offset_ns[rows]) * slope
-        np.testing.assert_allclose(awc, np.broadcast_to(
-            awc_truth(model.n, thr1, thr2)[:, None], awc.shape), rtol=1e-9)
+        np.testing.assert_allclose(
+            awc, np.broadcast_to(awc_truth(model.n, thr1, thr2)[:, None], awc.shape), rtol=1e-9
+        )
     # the limit thr2 -> thr1 is n * thr1
     np.testing.assert_allclose(awc_truth(model.n, 6.0, 6.0), model.n * 6.0)
     np.testing.assert_allclose(awc_truth(1.5, 6.0, 6.0 + 1e-6), 9.0, rtol=1e-5)
@@ -294,3 +308,11 @@ def test_speed_sanity_shapes() -> None:
     hits = noise_model.generate(1000, AcquisitionState(False, 0.0, 0, codes, codes))
     assert 0.4 * 32000 < hits.size < 0.6 * 32000
     assert model.generate(0, state(model, 50.0)).size == 0
+
+
+def test_truth_awc_at_realised_thresholds() -> None:
+    model = TofhirModel(CHANNELS, 6)
+    thr1 = model.threshold_uA(codes_for(model, 6.0))
+    thr2 = model.threshold_uA(codes_for(model, 10.0))
+    assert np.all(np.abs(thr1 - 6.0) <= model.lsb_uA / 2 + 1e-12)
+    np.testing.assert_allclose(model.truth(thr1, thr2)["awc"], awc_truth(model.n, thr1, thr2))

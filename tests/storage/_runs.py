@@ -33,8 +33,15 @@ def truth(n: int = 4) -> np.ndarray:
     return table
 
 
-def start_doc(run_id: str = "r0001", *, axes: list[str] | None = None, n_channels: int = 4,
-              with_truth: bool = True, seed: int | None = 1234, n_steps: int = 3) -> dict[str, Any]:
+def start_doc(
+    run_id: str = "r0001",
+    *,
+    axes: list[str] | None = None,
+    n_channels: int = 4,
+    with_truth: bool = True,
+    seed: int | None = 1234,
+    n_steps: int = 3,
+) -> dict[str, Any]:
     return {
         "run_id": run_id,
         "recipe_name": "awc-test",
@@ -50,17 +57,27 @@ def start_doc(run_id: str = "r0001", *, axes: list[str] | None = None, n_channel
         "channels": channels(n_channels),
         "instruments": {
             "laser": {
-                "idn": "SIM,LASER,123,1.0", "serial": "123", "firmware": "1.0",
+                "idn": "SIM,LASER,123,1.0",
+                "serial": "123",
+                "firmware": "1.0",
                 "resource": "ASRL1::INSTR",
-                "settings": {"intensity": 42.5, "output_enabled": False, "trigger_source": "internal",
-                             "repetition_rate_hz": 1000},
+                "settings": {
+                    "intensity": 42.5,
+                    "output_enabled": False,
+                    "trigger_source": "internal",
+                    "repetition_rate_hz": 1000,
+                },
             },
             "dac": {
-                "idn": "SIM,DAC,7,2.1", "serial": "7", "firmware": "2.1", "resource": "TCPIP::dac",
+                "idn": "SIM,DAC,7,2.1",
+                "serial": "7",
+                "firmware": "2.1",
+                "resource": "TCPIP::dac",
                 "settings": {"t1_codes": [10, 11, 12, 13], "lsb_uA": 0.3125},
             },
         },
         "truth": truth(n_channels) if with_truth else None,
+        "truth_attrs": {"seed": 1234.0, "laser_time_jitter_ns": 0.012} if with_truth else None,
         "n_steps": n_steps,
         "seed": seed,
     }
@@ -78,8 +95,15 @@ def make_hits(n: int, *, first_event: int, n_channels: int = 4, seed: int = 0) -
     return hits
 
 
-def step_docs(index: int, n_hits: int, *, block: int = 1000, axes: list[str] | None = None,
-              event_base: int = 0, seed: int | None = None) -> tuple[list[tuple[str, dict[str, Any]]], np.ndarray]:
+def step_docs(
+    index: int,
+    n_hits: int,
+    *,
+    block: int = 1000,
+    axes: list[str] | None = None,
+    event_base: int = 0,
+    seed: int | None = None,
+) -> tuple[list[tuple[str, dict[str, Any]]], np.ndarray]:
     """Documents of one complete step and the hits they carry."""
     axes = AXES if axes is None else axes
     values = {a: float(index + 1) * (k + 1) for k, a in enumerate(axes)}
@@ -87,14 +111,25 @@ def step_docs(index: int, n_hits: int, *, block: int = 1000, axes: list[str] | N
     docs: list[tuple[str, dict[str, Any]]] = [("step_start", {"index": index, "axes": values})]
     for a in range(0, n_hits, block):
         docs.append(("hits", {"index": index, "hits": hits[a : a + block]}))
-    docs.append(("step", {"index": index, "axes": values, "n_hits": n_hits,
-                          "n_triggers": 100 * (index + 1), "t_start": 1000.0 + index,
-                          "t_stop": 1000.5 + index}))
+    docs.append(
+        (
+            "step",
+            {
+                "index": index,
+                "axes": values,
+                "n_hits": n_hits,
+                "n_triggers": 100 * (index + 1),
+                "t_start": 1000.0 + index,
+                "t_stop": 1000.5 + index,
+            },
+        )
+    )
     return docs, hits
 
 
-def run_docs(hits_per_step: list[int], *, block: int = 1000, status: str = "completed",
-             **start: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+def run_docs(
+    hits_per_step: list[int], *, block: int = 1000, status: str = "completed", **start: Any
+) -> Iterator[tuple[str, dict[str, Any]]]:
     yield "start", start_doc(**start)
     base = 0
     for index, n in enumerate(hits_per_step):

@@ -38,8 +38,12 @@ def _table(n, offset=0.0):
 
 def test_round_trip(run_path):
     table = _table(4)
-    write_analysis(run_path, "awc", table, {"parameters": {"thr1_op": 6.0, "thr2_op": 10.0},
-                                            "run_id": "r0001", "n_intensities": 6})
+    write_analysis(
+        run_path,
+        "awc",
+        table,
+        {"parameters": {"thr1_op": 6.0, "thr2_op": 10.0}, "run_id": "r0001", "n_intensities": 6},
+    )
     with RunFile(run_path) as run:
         assert run.analysis_methods() == ["awc"]
         got, attrs = run.analysis("awc")
@@ -51,15 +55,22 @@ def test_round_trip(run_path):
     assert attrs["software_version"] and attrs["created_utc"].startswith("20")
     assert (attrs["run_id"], attrs["n_intensities"]) == ("r0001", 6)
     with h5py.File(run_path, "r") as f:  # plain h5py sees JSON text
-        assert json.loads(f["analysis/awc"].attrs["parameters"]) == {"thr1_op": 6.0, "thr2_op": 10.0}
+        assert json.loads(f["analysis/awc"].attrs["parameters"]) == {
+            "thr1_op": 6.0,
+            "thr2_op": 10.0,
+        }
 
 
 def test_replacement(run_path):
     write_analysis(run_path, "awc", _table(4), {"parameters": {"thr2_op": 10.0}})
     write_analysis(run_path, "scurve", _table(2), {})
     newer = _table(3, offset=1.0)
-    write_analysis(run_path, "awc", newer, {"parameters": '{"thr2_op": 9.0}',
-                                            "software_version": "9.9", "method": "ignored"})
+    write_analysis(
+        run_path,
+        "awc",
+        newer,
+        {"parameters": '{"thr2_op": 9.0}', "software_version": "9.9", "method": "ignored"},
+    )
     with RunFile(run_path) as run:
         assert run.analysis_methods() == ["awc", "scurve"]
         got, attrs = run.analysis("awc")
@@ -90,3 +101,10 @@ def test_bad_input(run_path, tmp_path):
     text.write_text("hello")
     with pytest.raises(RunFileError, match="not an HDF5 file"):
         write_analysis(text, "awc", _table(2), {})
+
+
+def test_written_while_a_reader_of_this_process_has_the_file_open(run_path):
+    with RunFile(run_path) as run:
+        assert run.analysis_methods() == []
+        write_analysis(run_path, "awc", _table(2), {})
+        assert run.analysis_methods() == ["awc"]  # the reader reopened on its next use

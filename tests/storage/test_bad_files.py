@@ -47,6 +47,7 @@ def _version(value):
         _valid(path)
         with h5py.File(path, "r+") as f:
             f.attrs["format_version"] = value
+
     return make
 
 
@@ -55,6 +56,7 @@ def _without(name):
         _valid(path)
         with h5py.File(path, "r+") as f:
             del f[name]
+
     return make
 
 
@@ -63,6 +65,7 @@ def _without_attr(name):
         _valid(path)
         with h5py.File(path, "r+") as f:
             del f.attrs[name]
+
     return make
 
 

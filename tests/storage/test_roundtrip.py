@@ -59,7 +59,10 @@ def test_metadata_round_trip(run_path):
             "n_steps_planned": 3,
         }
         assert (run.run_id, run.kind, run.status, run.simulated) == (
-            "r0001", "awc_calibration", "completed", True,
+            "r0001",
+            "awc_calibration",
+            "completed",
+            True,
         )
         assert run.recipe_text == start["recipe_text"]
         assert run.stand_text == start["stand_text"]
@@ -68,6 +71,7 @@ def test_metadata_round_trip(run_path):
         np.testing.assert_array_equal(run.channels, channels())
         assert run.truth.dtype == truth().dtype
         np.testing.assert_array_equal(run.truth, truth())
+        assert run.truth_attrs == start["truth_attrs"]
 
 
 def test_steps_and_hits_round_trip(run_path):
@@ -105,9 +109,7 @@ def test_columns(run_path):
         every = run.columns(["t1", "channel"])
         assert set(every) == {"t1", "channel", "step"}
         np.testing.assert_array_equal(every["t1"], np.concatenate(expected)["t1"])
-        np.testing.assert_array_equal(
-            every["step"], np.repeat(np.arange(4), HITS_PER_STEP)
-        )
+        np.testing.assert_array_equal(every["step"], np.repeat(np.arange(4), HITS_PER_STEP))
         # A selection in any order: hits come in that order, "step" is the position in it.
         picked = run.columns(("q", "thr2"), steps=np.array([3, 0]))
         np.testing.assert_array_equal(
@@ -134,8 +136,16 @@ def test_plain_h5py_reads_the_layout(run_path):
         assert f["hits"].dtype == HIT_DTYPE and f["hits"].chunks == (HITS_CHUNK_ROWS,)
         assert f["hits"].maxshape == (None,) and f["hits"].compression is None
         assert f["steps"].dtype == np.dtype(
-            [("index", "<u4"), ("intensity", "<f8"), ("thr2", "<f8"), ("first_hit", "<u8"),
-             ("n_hits", "<u8"), ("n_triggers", "<u8"), ("t_start", "<f8"), ("t_stop", "<f8")]
+            [
+                ("index", "<u4"),
+                ("intensity", "<f8"),
+                ("thr2", "<f8"),
+                ("first_hit", "<u8"),
+                ("n_hits", "<u8"),
+                ("n_triggers", "<u8"),
+                ("t_start", "<f8"),
+                ("t_stop", "<f8"),
+            ]
         )
         assert f["channels"].dtype == CHANNEL_DTYPE
         assert f["recipe"].asstr()[()].startswith('name = "awc-test"')
@@ -157,8 +167,14 @@ def test_incomplete_step_is_cut_at_stop(tmp_path):
         writer(name, doc)
     with h5py.File(path, "r", swmr=True) as f:
         assert f["hits"].shape[0] == 3000 + HITS_CHUNK_ROWS + 500  # streamed, not yet recorded
-    writer("stop", {"status": "aborted", "finished_utc": "2026-01-02T05:00:00+00:00",
-                    "reason": "aborted by the user"})
+    writer(
+        "stop",
+        {
+            "status": "aborted",
+            "finished_utc": "2026-01-02T05:00:00+00:00",
+            "reason": "aborted by the user",
+        },
+    )
     with RunFile(path) as run:
         assert (run.status, run.attrs["stop_reason"]) == ("aborted", "aborted by the user")
         assert run.steps.size == 1 and run.n_hits == 3000
@@ -230,7 +246,7 @@ def test_never_overwrites_and_checks_documents(tmp_path):
         writer("stop", {"status": "done"})
     writer("stop", {"status": "failed", "reason": "test"})
     with RunFile(other) as run:
-        assert run.truth is None and "seed" not in run.attrs
+        assert run.truth is None and run.truth_attrs == {} and "seed" not in run.attrs
         assert run.status == "failed" and run.attrs["finished_utc"]
         assert run.steps.size == 0 and run.n_hits == 0
         assert run.columns(["t1"])["t1"].size == 0

@@ -21,7 +21,9 @@ WRITER = Path(__file__).with_name("writer_process.py")
 def _spawn(*args: object) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, str(WRITER), *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -44,10 +46,15 @@ def test_follower_in_the_same_process(tmp_path):
     follower.close()
     # The file is sound for a reader in a fresh process, without SWMR.
     check = subprocess.run(
-        [sys.executable, "-c",
-         f"import h5py; f = h5py.File({str(path)!r}, 'r'); "
-         "print(f.attrs['status'], f['hits'].shape[0], f['steps'].shape[0])"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            f"import h5py; f = h5py.File({str(path)!r}, 'r'); "
+            "print(f.attrs['status'], f['hits'].shape[0], f['steps'].shape[0])",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert check.stdout.split() == ["completed", "72300", "3"]
 

@@ -20,7 +20,12 @@ from teststand.storage import RunWriter  # noqa: E402
 
 
 def main() -> None:
-    path, n_steps, n_hits, delay = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+    path, n_steps, n_hits, delay = (
+        sys.argv[1],
+        int(sys.argv[2]),
+        int(sys.argv[3]),
+        float(sys.argv[4]),
+    )
     crash = len(sys.argv) > 5 and sys.argv[5] == "crash"
     writer = RunWriter(path, flush_interval_s=0.0 if crash else 1.0)
     writer("start", start_doc(n_steps=n_steps + crash))
@@ -36,7 +41,9 @@ def main() -> None:
             writer(name, doc)
         print("crash", flush=True)
         os._exit(0)
-    writer("stop", {"status": "completed", "finished_utc": "2026-01-02T04:00:00+00:00", "reason": ""})
+    writer(
+        "stop", {"status": "completed", "finished_utc": "2026-01-02T04:00:00+00:00", "reason": ""}
+    )
     print("done", flush=True)
 
 

@@ -22,6 +22,7 @@ from numpy.typing import ArrayLike, NDArray
 __all__ = [
     "GroupedStats",
     "LinearFit",
+    "batched_gls",
     "batched_lstsq",
     "batched_polyfit",
     "batched_polyval",
@@ -269,34 +270,63 @@ def batched_polyval(
 
 
 def quantile_bin_index(
-    group: ArrayLike, values: ArrayLike, n_groups: int, n_bins: int
+    group: ArrayLike,
+    values: ArrayLike,
+    n_groups: int,
+    n_bins: int,
+    *,
+    method: str = "sort",
+    n_fine: int = 4096,
 ) -> NDArray[np.intp]:
     """Equal-count bins of ``values`` within each group: bin ``0 .. n_bins - 1`` of every entry.
 
     The entries of a group are ranked by value and cut into ``n_bins`` slices of (nearly) equal
     size, so the bin edges follow each group's own distribution (charge spectra of channels with
-    different gains). NaN values sort last and get bin -1. Costs one ``lexsort``.
+    different gains). NaN values get bin -1.
+
+    ``method="sort"`` ranks exactly (one ``lexsort``; equal values may fall in neighbouring bins).
+    ``method="histogram"`` is O(n): it histograms every group in ``n_fine`` cells over the overall
+    range and cuts the cumulative counts, keeping each cell (and so equal values) in one bin. For
+    integer-valued data such as QDC counts with fewer distinct values than ``n_fine`` the bins are
+    as even as ties allow.
     """
     g = np.asarray(group, dtype=np.intp)
     v = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(v)
+    if method == "histogram":
+        out = np.full(g.size, -1, dtype=np.intp)
+        if not finite.any():
+            return out
+        vf = v[finite]
+        lo, hi = float(vf.min()), float(vf.max())
+        width = (hi - lo) / n_fine if hi > lo else 1.0
+        cell = np.minimum(((vf - lo) / width).astype(np.intp), n_fine - 1)
+        gc = g[finite] * n_fine + cell
+        hist = np.bincount(gc, minlength=n_groups * n_fine)[: n_groups * n_fine]
+        hist = hist.reshape(n_groups, n_fine)
+        cdf = np.cumsum(hist, axis=1)
+        total = np.maximum(cdf[:, -1:], 1)
+        # a cell goes to the bin of the rank at its middle
+        cell_bin = ((cdf - 0.5 * hist) * n_bins // total).astype(np.intp)
+        cell_bin = np.minimum(cell_bin, n_bins - 1).ravel()
+        out[finite] = cell_bin[gc]
+        return out
+    if method != "sort":
+        raise ValueError(f"method must be 'sort' or 'histogram', not {method!r}")
     order = np.lexsort((v, ~finite, g))  # by group, finite first, then value
     g_sorted = g[order]
     n_finite = np.bincount(g[finite], minlength=n_groups)[:n_groups]
     n_all = np.bincount(g, minlength=n_groups)[:n_groups]
     starts = np.concatenate(([0], np.cumsum(n_all)[:-1]))
     rank = np.arange(g.size) - starts[g_sorted]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        b = (rank * n_bins) // np.maximum(n_finite[g_sorted], 1)
+    b = (rank * n_bins) // np.maximum(n_finite[g_sorted], 1)
     b = np.where(rank < n_finite[g_sorted], b, -1)
     out = np.empty(g.size, dtype=np.intp)
     out[order] = b
     return out
 
 
-def grouped_interp(
-    group: ArrayLike, x: ArrayLike, xp: ArrayLike, fp: ArrayLike
-) -> FloatArray:
+def grouped_interp(group: ArrayLike, x: ArrayLike, xp: ArrayLike, fp: ArrayLike) -> FloatArray:
     """Linear interpolation of ``x`` in a per-group table, for all entries in one call.
 
     Args:
@@ -340,3 +370,59 @@ def grouped_interp(
     out[has] = res[has]
     out[~np.isfinite(xv)] = np.nan
     return out
+
+
+def batched_gls(
+    design: ArrayLike, y: ArrayLike, cov: ArrayLike, use: ArrayLike, *, rcond: float = 1e-12
+) -> LinearFit:
+    """Generalised least squares for ``G`` small problems with correlated errors.
+
+    Args:
+        design: ``(G, P, p)`` design matrices.
+        y: ``(G, P)`` observations.
+        cov: ``(G, P, P)`` covariance of the observations (correlations between points allowed).
+        use: ``(G, P)`` which points exist; the others are cut out of ``cov`` and the design.
+
+    Returns:
+        The :class:`LinearFit` with ``coef = (A^T V^-1 A)^-1 A^T V^-1 y``, its covariance and
+        ``chi2 = r^T V^-1 r``. Rows whose problem is not determined are NaN with ``ok`` False.
+    """
+    a = np.asarray(design, dtype=np.float64)
+    y_a = np.asarray(y, dtype=np.float64)
+    v = np.asarray(cov, dtype=np.float64)
+    u = np.asarray(use, dtype=bool) & np.isfinite(y_a) & np.isfinite(np.einsum("gii->gi", v))
+    u &= np.isfinite(a).all(axis=2)
+    n_pts = y_a.shape[1]
+    both = u[:, :, None] & u[:, None, :]
+    eye = np.eye(n_pts, dtype=bool)
+    v = np.where(both, v, np.where(eye, 1.0, 0.0))
+    v = np.where(np.isfinite(v), v, 0.0)
+    a = np.where(u[..., None], a, 0.0)
+    y_a = np.where(u, y_a, 0.0)
+    n_par = a.shape[-1]
+    ndf = u.sum(axis=1) - n_par
+    # a covariance that is not positive definite (or a point with zero variance) is no problem we
+    # can solve; guard the inverse and mark the row
+    diag_v = np.einsum("gii->gi", v)
+    ok = (ndf >= 0) & np.all(np.where(u, diag_v > 0, True), axis=1)
+    v_safe = np.where(ok[:, None, None], v, np.eye(n_pts))
+    sign, _ = np.linalg.slogdet(v_safe)
+    ok &= sign > 0
+    v_safe = np.where(ok[:, None, None], v_safe, np.eye(n_pts))
+    w = np.linalg.inv(v_safe)
+    w = np.where(u[:, :, None] & u[:, None, :], w, 0.0)
+    normal = np.einsum("gpi,gpq,gqj->gij", a, w, a)
+    rhs = np.einsum("gpi,gpq,gq->gi", a, w, y_a)
+    diag = np.sqrt(np.abs(np.einsum("gii->gi", normal)))
+    scale = np.where(diag > 0, diag, 1.0)
+    n_eq = normal / (scale[:, :, None] * scale[:, None, :])
+    eig = np.linalg.eigvalsh(n_eq)
+    ok &= (diag > 0).all(axis=1) & (eig[:, 0] > rcond * np.abs(eig[:, -1]))
+    inv_eq = np.linalg.inv(np.where(ok[:, None, None], n_eq, np.eye(n_par)))
+    cov_c = inv_eq / (scale[:, :, None] * scale[:, None, :])
+    coef = np.einsum("gij,gj->gi", cov_c, rhs)
+    resid = np.where(u, y_a - np.einsum("gpi,gi->gp", a, coef), 0.0)
+    chi2 = np.einsum("gp,gpq,gq->g", resid, w, resid)
+    coef[~ok] = np.nan
+    cov_c[~ok] = np.nan
+    return LinearFit(coef, cov_c, np.where(ok, chi2, np.nan), ndf.astype(np.int64), ok)

@@ -49,6 +49,7 @@ MAX_HARMONICS = 4
 #: harmonics are zero. ``amplitude_ns`` and ``phase_rad`` give the first harmonic as
 #: ``K sin(2 pi phi + b)``. ``rms_before_ns`` and ``rms_after_ns`` are the RMS of the residual
 #: ``t_true - t_peak`` about its mean before the correction and of the corrected residual.
+#: ``flag`` is ``""`` when fine, else ``too_few_pulses`` or ``phases_not_covered`` (numbers NaN).
 PHASE_CORRECTION_DTYPE = np.dtype(
     [
         ("channel", "<u2"),
@@ -194,7 +195,7 @@ def fit_phase_correction(
     out["channel"] = channels
     out["dt_ns"] = dt_ns
     out["n_harmonics"] = n_harmonics
-    out["flag"] = "ok"
+    out["flag"] = ""
 
     x = _design(phi[ok], n_harmonics, fit_constant)
     y = resid[ok]
@@ -323,7 +324,7 @@ def correct_peak_time(
         # Unused harmonics have zero coefficients.
         r += c["sin_ns"][..., k - 1] * np.sin(2 * np.pi * k * phi)
         r += c["cos_ns"][..., k - 1] * np.cos(2 * np.pi * k * phi)
-    ok = known & (c["flag"] == "ok")
+    ok = known & (c["flag"] == "")
     return np.where(ok, t + r, np.nan)
 
 

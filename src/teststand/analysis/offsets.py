@@ -57,9 +57,9 @@ IntArray = npt.NDArray[np.intp]
 
 #: One row per channel (see the module docstring for the meaning of each offset). Errors are
 #: statistical; ``rms_ns`` is the spread of ``t_i - t_ref`` (the channels' combined resolution);
-#: ``delay_ns`` the relative table delay removed. Flags: ``ok``, ``reference`` (a member of the
-#: reference); ``no_events``, ``too_few_events`` (offsets NaN); ``no_board_fit`` (offset given,
-#: board terms NaN). Hits of channels missing from the table are ignored.
+#: ``delay_ns`` the relative table delay removed. Flags: ``""`` (fine), ``reference`` (a member
+#: of the reference); ``no_events``, ``too_few_events`` (offsets NaN); ``no_board_fit`` (offset
+#: given, board terms NaN). Hits of channels missing from the table are ignored.
 OFFSET_DTYPE = np.dtype(
     [
         ("channel", "<u2"),
@@ -95,7 +95,7 @@ BOARD_DTYPE = np.dtype(
 #: One row per segment: the straight line ``offset = intercept + slope * position`` fitted to
 #: the channel offsets (equal weights; errors from the scatter about the line), the rms of that
 #: scatter and chi2/ndf with the statistical errors alone (far above 1 when the channels' own
-#: ``t0`` spread dominates, as expected). Flags: ``ok``, ``one_board`` (slope undetermined),
+#: ``t0`` spread dominates, as expected). Flags: ``""`` (fine), ``one_board`` (slope undetermined),
 #: ``too_few_channels``.
 BOARD_FIT_DTYPE = np.dtype(
     [
@@ -132,7 +132,11 @@ def _grouped_median(idx: IntArray, x: FloatArray, n_groups: int) -> FloatArray:
 
 
 def clipped_mean(
-    idx: npt.ArrayLike, x: npt.ArrayLike, n_groups: int, *, clip_sigma: float = 5.0,
+    idx: npt.ArrayLike,
+    x: npt.ArrayLike,
+    n_groups: int,
+    *,
+    clip_sigma: float = 5.0,
     n_iter: int = 5,
 ) -> tuple[FloatArray, FloatArray, FloatArray, npt.NDArray[np.int64]]:
     """Mean, error of the mean, rms and count per group, ignoring entries beyond ``clip_sigma``.
@@ -200,8 +204,11 @@ def channel_offsets(
     n_ch = tab_ch.size
     refs = np.unique(np.atleast_1d(np.asarray(reference, dtype=np.int64)))
     ref_rows = np.searchsorted(tab_ch, refs)
-    if refs.size == 0 or np.any(ref_rows >= n_ch) or np.any(tab_ch[np.minimum(ref_rows, n_ch - 1)]
-                                                           != refs):
+    if (
+        refs.size == 0
+        or np.any(ref_rows >= n_ch)
+        or np.any(tab_ch[np.minimum(ref_rows, n_ch - 1)] != refs)
+    ):
         raise ValueError(f"reference channel(s) {refs.tolist()} not in the channel table")
 
     ev = np.asarray(event).astype(np.int64, copy=False).ravel()
@@ -243,7 +250,7 @@ def channel_offsets(
     if refs.size == 1:
         # t_ref - t_ref is 0 in every event: exact, no spread.
         out["offset_err_ns"][ref_rows] = np.where(enough[ref_rows], 0.0, np.nan)
-    out["flag"] = np.where(n == 0, "no_events", np.where(enough, "ok", "too_few_events"))
+    out["flag"] = np.where(n == 0, "no_events", np.where(enough, "", "too_few_events"))
     out["flag"][ref_rows] = np.where(enough[ref_rows], "reference", out["flag"][ref_rows])
 
     boards, fits = _board_fit(out, board_position, board_segment)
@@ -326,7 +333,7 @@ def _board_fit(
         ndf_stat = stat.sum(axis=1) - 2
     determined = fit.ok & (ndf > 0) & (fits["n_boards"] >= 2)
     fits["flag"] = np.where(
-        fits["n_boards"] < 2, "one_board", np.where(determined, "ok", "too_few_channels")
+        fits["n_boards"] < 2, "one_board", np.where(determined, "", "too_few_channels")
     )
     d = determined
     fits["intercept_ns"][d] = fit.coef[d, 0]
@@ -348,6 +355,6 @@ def _board_fit(
     out["board_term_ns"] = np.where(seg_ok, term, np.nan)
     out["board_term_err_ns"] = np.where(seg_ok, term_err, np.nan)
     out["residual_ns"] = np.where(seg_ok, y - term, np.nan)
-    no_fit = has & ~seg_ok & np.isin(out["flag"], ("ok", "reference"))
-    out["flag"][no_fit & (out["flag"] == "ok")] = "no_board_fit"
+    no_fit = has & ~seg_ok & np.isin(out["flag"], ("", "reference"))
+    out["flag"][no_fit & (out["flag"] == "")] = "no_board_fit"
     return boards, fits

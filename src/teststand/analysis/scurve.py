@@ -101,8 +101,9 @@ def scurve_counts(
             when the channels were set to different codes. With one row of codes, steps that share
             a code are merged.
         n_triggers_per_step: triggers sent per step (scalar or ``(n_steps,)``).
-        hits_event: event number of every hit. When given, a channel counts at most once per event;
-            without it every hit counts (the simulator gives at most one noise hit per trigger).
+        hits_event: event number of every hit. When given, a channel counts at most once per
+            (step, event); without it every hit counts (the simulator gives at most one noise hit
+            per trigger).
     """
     channel = np.asarray(hits_channel).astype(np.intp, copy=False)
     step = np.asarray(hits_step).astype(np.intp, copy=False)
@@ -110,11 +111,13 @@ def scurve_counts(
     n_steps = codes.shape[-1]
     keep = (channel >= 0) & (channel < n_channels) & (step >= 0) & (step < n_steps)
     if hits_event is not None:
-        event = np.asarray(hits_event).astype(np.uint64, copy=False)
-        key = event * np.uint64(n_channels) + channel.astype(np.uint64)
-        first = np.zeros(key.size, dtype=bool)
-        first[np.unique(key, return_index=True)[1]] = True
-        keep &= first
+        # one count per (step, event, channel): event numbers may restart with every acquisition
+        event = np.asarray(hits_event).astype(np.int64, copy=False)
+        order = np.lexsort((channel, event, step))
+        s_, e_, c_ = step[order], event[order], channel[order]
+        repeat = np.zeros(order.size, dtype=bool)
+        repeat[1:] = (s_[1:] == s_[:-1]) & (e_[1:] == e_[:-1]) & (c_[1:] == c_[:-1])
+        keep[order[repeat]] = False
     per_step = (
         np.bincount(channel[keep] * n_steps + step[keep], minlength=n_channels * n_steps)
         .reshape(n_channels, n_steps)

@@ -15,7 +15,8 @@ constant of the channel (its own ``t0``, cable delay, clock), which is why the P
 The fit range is chosen by chi2/ndf: starting from every profile bin with enough entries, the
 sparser end bin is dropped and the fit repeated until chi2/ndf is acceptable (at most half of the
 bins are dropped). As the classic (ALICE) reference the same bins are fitted with polynomials of
-order 1..5 in ToT and the lowest order with an acceptable chi2/ndf is kept.
+order 1..5 in ToT and the lowest order with an acceptable chi2/ndf (within 3 sigma of 1, at most
+``max_chi2ndf``) is kept, else the order with the smallest chi2/ndf.
 
 A profile bin holds the mean of ``t`` over the hits in it, i.e. the mean of ``f`` over the bin, not
 ``f`` at its centre; for a steep sigmoid (``p2`` of 0.2 ns) that difference reaches 10 ps in a
@@ -23,8 +24,8 @@ A profile bin holds the mean of ``t`` over the hits in it, i.e. the mean of ``f`
 compared with the data as ``f(mean) + f''(mean) var / 2``, exact to second order.
 
 Inputs are the hit columns (``channel``, ``t1`` as ``t``, ``tot``). Outputs are structured arrays,
-one row per channel, with a ``flag``: ``ok``; ``chi2_high`` or ``at_bound`` (numbers given but
-doubtful); ``no_hits``, ``too_few_bins``, ``fit_failed`` (numbers NaN).
+one row per channel, with a ``flag`` (the package convention): ``""`` when fine; ``chi2_high`` or
+``at_bound`` (numbers given but doubtful); ``no_hits``, ``too_few_bins``, ``fit_failed`` (NaN).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ MAX_POLY_ORDER = 5
 
 #: One row per (channel, ToT bin) with enough entries: bin edges (ns), number of hits, mean and
 #: variance of ToT in the bin (ns, ns^2), mean of ``t`` (ns), its error and the RMS of ``t`` (ns).
-PROFILE_DTYPE = np.dtype(
+TIMEWALK_PROFILE_DTYPE = np.dtype(
     [
         ("channel", "<u2"),
         ("tot_lo_ns", "<f8"),
@@ -69,11 +70,13 @@ PROFILE_DTYPE = np.dtype(
 )
 
 #: One row per channel. Sigmoid ``p0_ns..p3_ns`` with errors (scaled by sqrt(chi2/ndf) when that
-#: exceeds 1), the ToT range and number of profile bins of the fit, chi2/ndf of the sigmoid and of
-#: the polynomial on the same bins; the polynomial is ``sum_k poly_coef[k] x**k`` with
-#: ``x = (ToT - poly_center_ns) / poly_scale_ns`` (coefficients in ns, orders above ``poly_order``
-#: zero) and is only used inside ``[tot_min_ns, tot_max_ns]`` (clamped outside). ``better`` names
-#: the model with the smaller chi2/ndf (``sigmoid`` or ``poly``, empty if neither fitted).
+#: exceeds 1), the ToT range and number of profile bins of its fit, chi2/ndf of the sigmoid and of
+#: the polynomial. The polynomial is fitted on the sigmoid's bins when the sigmoid was accepted
+#: (flag ``""`` or ``at_bound``), so the two chi2/ndf compare like with like, and on all bins
+#: otherwise; it is ``sum_k poly_coef[k] x**k`` with ``x = (ToT - poly_center_ns) /
+#: poly_scale_ns`` (coefficients in ns, orders above ``poly_order`` zero) and is only used inside
+#: ``[poly_tot_min_ns, poly_tot_max_ns]`` (clamped outside). ``better`` names the model with the
+#: smaller chi2/ndf (``sigmoid`` or ``poly``, empty if neither fitted).
 TIMEWALK_DTYPE = np.dtype(
     [
         ("channel", "<u2"),
@@ -92,6 +95,8 @@ TIMEWALK_DTYPE = np.dtype(
         ("chi2ndf_sigmoid", "<f8"),
         ("ndf_sigmoid", "<i4"),
         ("poly_order", "<i2"),
+        ("poly_tot_min_ns", "<f8"),
+        ("poly_tot_max_ns", "<f8"),
         ("poly_center_ns", "<f8"),
         ("poly_scale_ns", "<f8"),
         ("poly_coef", "<f8", (MAX_POLY_ORDER + 1,)),
@@ -147,7 +152,7 @@ def timewalk_profile(
         min_entries: bins with fewer hits are left out.
 
     Returns:
-        A :data:`PROFILE_DTYPE` array sorted by channel and ToT.
+        A :data:`TIMEWALK_PROFILE_DTYPE` array sorted by channel and ToT.
     """
     ch = np.asarray(channel).astype(np.int64, copy=False).ravel()
     t = np.asarray(t_ns, dtype=np.float64).ravel()
@@ -169,7 +174,7 @@ def timewalk_profile(
     st = grouped_stats(idx, n_groups, t, ddof=1, shift=t_shift_g)
     sx = grouped_stats(idx, n_groups, tot, ddof=0, shift=tot_shift_g)
     keep = np.flatnonzero(st.n >= max(min_entries, 2))
-    out = np.empty(keep.size, dtype=PROFILE_DTYPE)
+    out = np.empty(keep.size, dtype=TIMEWALK_PROFILE_DTYPE)
     out["channel"] = channels[keep // n_tot]
     out["tot_lo_ns"] = lo + bin_width_ns * (keep % n_tot)
     out["tot_hi_ns"] = out["tot_lo_ns"] + bin_width_ns
@@ -205,6 +210,21 @@ def _initial_guesses(x: FloatArray, y: FloatArray) -> list[list[float]]:
     ]
 
 
+def _sigmoid_binned_jac(x: FloatArray, v: FloatArray, p: Sequence[float]) -> FloatArray:
+    """Jacobian of :func:`_sigmoid_binned` with respect to (p0, p1, p2, p3), shape (n, 4)."""
+    p0, p1, p2, _ = p
+    u = (x - p1) / p2
+    s = 0.5 * (1.0 - np.tanh(0.5 * u))
+    ds = s * (1.0 - s)  # d s / d(-u)
+    g = ds * (1.0 - 2.0 * s)  # f'' = p0 g / p2**2
+    dg = 1.0 - 6.0 * s + 6.0 * s * s  # d g / d s
+    half_v = 0.5 * v / p2**2
+    common = p0 * (1.0 + half_v * dg) * ds / p2
+    return np.stack(
+        [s + half_v * g, common, common * u - 2.0 * p0 * half_v * g / p2, np.ones_like(x)], -1
+    )
+
+
 def _fit_sigmoid(
     x: FloatArray,
     v: FloatArray,
@@ -212,12 +232,21 @@ def _fit_sigmoid(
     e: FloatArray,
     starts: list[list[float]],
     bounds: tuple[list[float], list[float]],
+    good_chi2ndf: float,
 ) -> tuple[FloatArray, FloatArray, float] | None:
-    """Best of several bounded least-squares fits; returns (p, cov, chi2) or None."""
+    """Bounded least-squares fits from several starts; returns (p, cov, chi2) or None.
+
+    The starts are tried in order until one reaches ``chi2/ndf <= good_chi2ndf``; otherwise the
+    best one is returned.
+    """
     best: tuple[FloatArray, FloatArray, float] | None = None
+    ndf = max(x.size - 4, 1)
 
     def model(xv: FloatArray, *p: float) -> FloatArray:
         return _sigmoid_binned(xv[0], xv[1], p)
+
+    def jac(xv: FloatArray, *p: float) -> FloatArray:
+        return _sigmoid_binned_jac(xv[0], xv[1], p)
 
     xv = np.vstack([x, v])
     for start in starts:
@@ -226,14 +255,16 @@ def _fit_sigmoid(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optimize.OptimizeWarning)
                 popt, pcov = optimize.curve_fit(
-                    model, xv, y, p0=p_start, sigma=e, absolute_sigma=True,
-                    bounds=bounds, max_nfev=2000,
+                    model, xv, y, p0=p_start, sigma=e, absolute_sigma=True, jac=jac,
+                    bounds=bounds, max_nfev=500,
                 )  # fmt: skip
         except (RuntimeError, ValueError):
             continue
         chi2 = float(np.sum(((y - model(xv, *popt)) / e) ** 2))
         if best is None or chi2 < best[2]:
             best = (popt, pcov, chi2)
+        if chi2 / ndf <= good_chi2ndf:
+            break
     return best
 
 
@@ -248,7 +279,7 @@ def fit_timewalk_profile(
     """Fit the sigmoid and the reference polynomial to a ToT profile, per channel.
 
     Args:
-        profile: a :data:`PROFILE_DTYPE` array (from :func:`timewalk_profile`).
+        profile: a :data:`TIMEWALK_PROFILE_DTYPE` array (from :func:`timewalk_profile`).
         max_chi2ndf: a fit with chi2/ndf at or below this is accepted; above it, the sparser end
             bin is dropped and the fit repeated.
         min_bins: fewer usable bins than this: the channel is flagged ``too_few_bins``.
@@ -273,7 +304,7 @@ def fit_timewalk_profile(
     for name in out.dtype.names or ():
         if out.dtype[name].kind == "f":
             out[name] = np.nan
-    out["flag"] = "ok"
+    out["flag"] = ""
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
     # Bins used by the accepted sigmoid range, per channel: the polynomial uses the same ones.
     used = np.zeros(prof.size, dtype=bool)
@@ -296,7 +327,7 @@ def fit_timewalk_profile(
         best: tuple[float, int, int, FloatArray, FloatArray, float] | None = None
         guesses = _initial_guesses(x, y)
         while True:
-            fit = _fit_sigmoid(x[lo:hi], v[lo:hi], y[lo:hi], e[lo:hi], guesses, bounds)
+            fit = _fit_sigmoid(x[lo:hi], v[lo:hi], y[lo:hi], e[lo:hi], guesses, bounds, max_chi2ndf)
             if fit is not None:
                 ndf = (hi - lo) - 4
                 chi2ndf = fit[2] / ndf
@@ -341,7 +372,10 @@ def fit_timewalk_profile(
         elif np.any((popt - lower < tol) | (upper - popt < tol)):
             out["flag"][k] = "at_bound"
 
-    _fit_polynomials(prof, used, np.searchsorted(channels, prof["channel"]), out, max_chi2ndf)
+    g = np.searchsorted(channels, prof["channel"])
+    # Where the sigmoid was not accepted its range means nothing: the polynomial takes all bins.
+    all_bins = np.isin(out["flag"], ("chi2_high", "fit_failed"))[g]
+    _fit_polynomials(prof, used | all_bins, g, out, max_chi2ndf)
     sig_ok = np.isfinite(out["chi2ndf_sigmoid"])
     poly_ok = np.isfinite(out["chi2ndf_poly"])
     poly_better = poly_ok & (~sig_ok | (out["chi2ndf_poly"] < out["chi2ndf_sigmoid"]))
@@ -356,16 +390,18 @@ def _fit_polynomials(
     out: np.ndarray,
     max_chi2ndf: float,
 ) -> None:
-    """Batched polynomial fits of order 1..5 on the bins each sigmoid fit used."""
+    """Batched polynomial fits of order 1..5 on the ``used`` bins of each channel."""
     n_ch = out.size
     if not used.any():
         return
-    center = 0.5 * (out["tot_min_ns"] + out["tot_max_ns"])
-    half = 0.5 * (out["tot_max_ns"] - out["tot_min_ns"])
-    scale = np.where(np.isfinite(half) & (half > 0), half, 1.0)
-    center = np.where(np.isfinite(center), center, 0.0)
     idx = np.flatnonzero(used)
     gi = g[idx]
+    lo = np.full(n_ch, np.inf)
+    hi = np.full(n_ch, -np.inf)
+    np.minimum.at(lo, gi, prof["tot_lo_ns"][idx])
+    np.maximum.at(hi, gi, prof["tot_hi_ns"][idx])
+    center = np.where(np.isfinite(lo), 0.5 * (lo + hi), 0.0)
+    scale = np.where(np.isfinite(lo) & (hi > lo), 0.5 * (hi - lo), 1.0)
     counts = np.bincount(gi, minlength=n_ch)
     width = int(counts.max())
     pos = np.arange(idx.size) - np.concatenate(([0], np.cumsum(counts)[:-1]))[gi]
@@ -397,7 +433,11 @@ def _fit_polynomials(
         with np.errstate(divide="ignore", invalid="ignore"):
             chi2ndf = np.where(fit.ndf > 0, fit.chi2 / fit.ndf, np.nan)
         fits.append((fit, chi2ndf))
-        accept = (chosen < 0) & fit.ok & (chi2ndf <= max_chi2ndf)
+        # Acceptable: chi2/ndf within 3 sigma of 1 (its spread is sqrt(2 / ndf)), and never above
+        # max_chi2ndf; otherwise a higher order is tried.
+        with np.errstate(invalid="ignore", divide="ignore"):
+            limit = np.minimum(max_chi2ndf, 1.0 + 3.0 * np.sqrt(2.0 / fit.ndf))
+        accept = (chosen < 0) & fit.ok & (chi2ndf <= limit)
         chosen[accept] = order
     # No order acceptable: the order with the smallest chi2/ndf.
     all_chi = np.stack([c for _, c in fits], axis=1)
@@ -422,6 +462,8 @@ def _fit_polynomials(
     fitted = chosen > 0
     out["poly_center_ns"][fitted] = center[fitted]
     out["poly_scale_ns"][fitted] = scale[fitted]
+    out["poly_tot_min_ns"][fitted] = lo[fitted]
+    out["poly_tot_max_ns"][fitted] = hi[fitted]
 
 
 def fit_timewalk(
@@ -506,14 +548,14 @@ def evaluate_timewalk(
     # Rows without constants hold NaN: they compute NaN quietly and are masked below.
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         sig = timewalk_sigmoid(tot, c["p0_ns"], c["p1_ns"], c["p2_ns"], c["p3_ns"])
-        x = np.clip(tot, c["tot_min_ns"], c["tot_max_ns"])
+        x = np.clip(tot, c["poly_tot_min_ns"], c["poly_tot_max_ns"])
         x = (x - c["poly_center_ns"]) / c["poly_scale_ns"]
         poly = np.zeros_like(x)
         for k in range(MAX_POLY_ORDER, -1, -1):  # Horner; unused orders have zero coefficients
             poly = poly * x + c["poly_coef"][..., k]
     if method == "sigmoid":
         f = sig
-        ok = np.isin(c["flag"], ("ok", "chi2_high", "at_bound"))
+        ok = np.isin(c["flag"], ("", "chi2_high", "at_bound"))
     elif method == "poly":
         f = poly
         ok = c["poly_order"] > 0
@@ -540,7 +582,7 @@ def correct_timewalk(
     By default the whole fitted curve is subtracted, asymptote included (the PPS convention): the
     corrected times of every channel are centred on zero, so the channels are aligned as well.
     With ``keep_offset=True`` only the walk is removed and each channel keeps its time at large
-    amplitude: ``p3`` for the sigmoid, the polynomial's value at ``tot_max_ns`` for ``poly``.
+    amplitude: ``p3`` for the sigmoid, the polynomial's value at ``poly_tot_max_ns`` for ``poly``.
 
     Returns:
         Corrected times (ns); NaN for hits of channels without usable constants or with NaN ToT.
@@ -554,6 +596,6 @@ def correct_timewalk(
     if method == "sigmoid":
         offset = c["p3_ns"]
     else:
-        top = evaluate_timewalk(channel, c["tot_max_ns"], constants, method="poly")
+        top = evaluate_timewalk(channel, c["poly_tot_max_ns"], constants, method="poly")
         offset = top if method == "poly" else np.where(c["better"] == "poly", top, c["p3_ns"])
     return np.asarray(t - f + offset, dtype=np.float64)

@@ -1,7 +1,7 @@
 """Amplitude walk correction with dual thresholds (AWC), design section 4.2.
 
-In operation every TOFHIR2 hit has ``t1`` at the operating threshold thr1, ``t2`` at thr2 and a charge
-``Q``. Walk is linear in the inverse dual-threshold slope ``S = (thr2 - thr1) / (t2 - t1)``::
+In operation every TOFHIR2 hit has ``t1`` at the operating threshold thr1, ``t2`` at thr2 and a
+charge ``Q``. Walk is linear in the inverse dual-threshold slope ``S = (thr2 - thr1) / (t2 - t1)``::
 
     t1 = t0 + AWC / S            so            t_corr = t1 - AWC / S(Q)
 
@@ -13,19 +13,26 @@ over a range. :func:`fit_awc` reduces it in four stages, all batched over channe
 1. Per (channel, step): count, mean and variance of ``t2 - t1`` and the mean ``t1``, with
    ``np.bincount`` over the hit columns (the only pass over the hits, plus one selection of the
    hits at the operating thresholds).
-2. Per (channel, intensity): the mean leading edge ``t(thr) = c0 + c1 thr + c2 thr**2``, fitted to
-   the step means ``<t1>_k + <t2 - t1>_s`` against thr2. This is the mean t2 crossing time; taking it
-   through ``t2 - t1`` of the same pulses removes the photostatistics and laser jitter the two
-   crossings share, so the edge is several times more precise than from raw t2 means. From the edge,
-   ``T_k = t(thr1_op)`` and the *secant* slope ``S_k = (thr2_op - thr1_op) / (t(thr2_op) - t(thr1_op))``:
-   the same slope definition the correction uses. (The derivative ``1 / t'(thr1)`` is a different
+2. Per (channel, intensity): the mean leading edge ``t(thr) = c0 + c1 thr + c2 thr**2``, fitted
+   to the step means ``<t1>_k + <t2 - t1>_s`` against thr2 (by default only the steps within
+   1.5 uA of the operating pair). This is the mean t2 crossing time; taking it through ``t2 - t1``
+   of the same pulses removes the photostatistics and laser jitter the two crossings share, so the
+   edge is several times more precise than from raw t2 means. From the edge, ``T_k = t(thr1_op)``
+   and the *secant* slope ``S_k = (thr2_op - thr1_op) / (t(thr2_op) - t(thr1_op))``: the same
+   slope definition the correction uses. (The derivative ``1 / t'(thr1)`` is a different
    quantity when the gap is 4 uA; mixing the two leaves about 100 ps of walk.)
-3. Per channel: the slope table ``S(Q)`` from the hits at the operating thresholds (equal-count charge
-   bins, ``(thr2 - thr1) / mean(t2 - t1)`` in each: a ratio of means, since the mean of per-event
-   ratios is biased by the jitter) and the line ``S = a + b Q``; then the straight line
-   ``T_k = t0 + AWC / S_k``. When the table at the intensities' mean charges, ``S(Q_k)``, disagrees
-   with the edge slopes ``S_k`` beyond their errors, the line is refitted on ``1 / S(Q_k)`` so that
-   the AWC belongs to the slope the correction will use (``awc_slope_source``).
+3. Per channel, from the hits at the operating pair (thr2 = thr2_op): equal-count charge bins with
+   ``(thr2 - thr1) / mean(t2 - t1)`` in each (a ratio of means: the mean of per-event ratios is
+   biased by the jitter) and the line ``S = a + b Q`` through them (for the trim); and the table
+   the correction interpolates: one point per intensity (the whole cluster of charges the laser
+   made), averaged with the edge secant ``S_k`` of that intensity, joined by a power law in
+   ``S(Q)`` and stored on log-spaced nodes (:func:`_smooth_table` says why not the bins).
+   Then the straight line ``T_k = t0 + AWC x_k``, twice: on the edge secants ``x_k = 1 / S_k``
+   and on the table, ``x_k = <1 / S(Q)>`` over the intensity's hits, which is exactly what the
+   correction subtracts there on average. ``awc_uA`` comes from the edge line unless the edge
+   secants and the hits at the operating pair disagree beyond their errors
+   (``slope_agreement_p``); then from the table line, so that the AWC is defined on the slope
+   the correction uses (``awc_slope_source``).
 4. Across channels: the trim, a line ``AWC = alpha + beta * b`` (the paper's eq. 5.1-5.2).
 
 :func:`correct_times` applies the constants to hits, :func:`residual_walk` measures what is left.
@@ -41,6 +48,7 @@ from numpy.typing import ArrayLike, NDArray
 from scipy.stats import chi2 as chi2_dist
 
 from teststand.analysis._grouping import (
+    batched_gls,
     batched_polyfit,
     batched_polyval,
     grouped_interp,
@@ -69,6 +77,9 @@ AWC_LUT_SIZE = 16
 #: TOFHIR2 threshold DAC step, uA.
 TOFHIR_LSB_UA = 0.3125
 
+#: chi2 gain that makes the slope table's quadratic term significant (p = 1 % for 1 dof).
+_CURVATURE_CHI2 = 6.63
+
 #: Calibration constants, one row per channel. Units: uA, ns, uA/ns, QDC counts.
 AWC_DTYPE = np.dtype(
     [
@@ -80,7 +91,7 @@ AWC_DTYPE = np.dtype(
         ("awc_slope_source", "<U4"),  # "edge": S_k of the fitted edges; "lut": S(Q_k) of the table
         ("awc_edge_uA", "<f8"),  # AWC on the edge slopes S_k
         ("awc_lut_uA", "<f8"),  # AWC on the table slopes S(Q_k)
-        ("slope_agreement_p", "<f8"),  # chi2 p-value of S_k against S(Q_k)
+        ("slope_agreement_p", "<f8"),  # chi2 p-value: edge S_k against the operating-pair hits
         ("line_chi2", "<f8"),  # of the AWC line actually used
         ("line_ndf", "<i4"),
         ("n_intensities", "<u2"),  # points on the AWC line
@@ -119,6 +130,8 @@ AWC_POINT_DTYPE = np.dtype(
         ("t_thr2_ns", "<f8"),  # t(thr2_op)
         ("slope_edge", "<f8"),  # S_k, uA/ns
         ("slope_edge_err", "<f8"),
+        ("slope_op", "<f8"),  # (thr2_op - thr1_op) / <t2 - t1> of the hits at the operating pair
+        ("slope_op_err", "<f8"),
         ("slope_lut", "<f8"),  # 1 / <1 / S(Q)> of the table over the intensity's hits
         ("slope_lut_err", "<f8"),
         ("used", "?"),  # on the AWC line
@@ -145,7 +158,7 @@ RESIDUAL_WALK_DTYPE = np.dtype(
 # Channel flags. Those marked "no value" leave the affected numbers NaN.
 NO_HITS = "no_hits"  # no value: no hit with both crossings
 NO_OPERATING_STEP = "no_operating_step"  # no value: no step at (thr1_op, thr2_op)
-NO_SLOPE_TABLE = "no_slope_table"  # no value: fewer than 2 charge bins with a slope
+NO_SLOPE_TABLE = "no_slope_table"  # no value: the slope table has fewer than 2 nodes
 TOO_FEW_INTENSITIES = "too_few_intensities"  # no value: fewer usable intensities than needed
 SLOPES_DISAGREE = "slopes_disagree"  # warning: S_k and S(Q_k) differ; AWC from the table
 NO_TRIM = "no_trim"  # awc_trimmed NaN: channel not in the trim fit or trim impossible
@@ -178,7 +191,8 @@ class AwcFit:
     """What :func:`fit_awc` returns.
 
     Attributes:
-        constants: :data:`AWC_DTYPE`, one row per channel: what the correction and the run file need.
+        constants: :data:`AWC_DTYPE`, one row per channel: what the correction and the run file
+            need.
         points: :data:`AWC_POINT_DTYPE`, one row per (channel, intensity): the mean edges and the
             points of the AWC line, for plots and checks.
         trim: the across-channel trim.
@@ -198,7 +212,7 @@ class AwcFit:
 
 
 def _per_channel_steps(values: ArrayLike, n_steps: int, n_channels: int, name: str) -> NDArray[Any]:
-    """A step-table column as ``(n_channels, n_steps)``: one value per step or per (step, channel)."""
+    """A step-table column as ``(n_channels, n_steps)``: a value per step or per (step, channel)."""
     a = np.asarray(values, dtype=np.float64)
     if a.ndim == 1:
         if a.size != n_steps:
@@ -206,7 +220,9 @@ def _per_channel_steps(values: ArrayLike, n_steps: int, n_channels: int, name: s
         return np.broadcast_to(a, (n_channels, n_steps))
     if a.shape == (n_steps, n_channels):
         return a.T
-    raise ValueError(f"{name} must have shape ({n_steps},) or ({n_steps}, {n_channels}), not {a.shape}")
+    raise ValueError(
+        f"{name} must have shape ({n_steps},) or ({n_steps}, {n_channels}), not {a.shape}"
+    )
 
 
 def _per_channel(value: ArrayLike | None, n_channels: int) -> NDArray[np.float64] | None:
@@ -237,11 +253,13 @@ def fit_awc(
     min_hits_per_bin: int = 20,
     min_t2_efficiency: float = 0.99,
     min_intensities: int = 3,
-    edge_window_uA: float | None = None,
+    edge_window_uA: float | None = 1.5,
     agree_p_value: float = 0.01,
     qdc_max: float = 1023.0,
     trim_predictor: Literal["slope_b", "elasticity"] = "slope_b",
-    slope_table: Literal["smooth", "bins"] = "smooth",
+    slope_table: Literal["auto", "power_law", "log_quadratic", "bins"] = "auto",
+    awc_source: Literal["auto", "edge", "lut"] = "auto",
+    table_uses_edges: bool = True,
 ) -> AwcFit:
     """Calibrate the dual-threshold amplitude walk correction from a thr2 scan.
 
@@ -273,10 +291,25 @@ def fit_awc(
         min_intensities: points needed on a channel's AWC line.
         edge_window_uA: when set, the edge fit only uses thr2 steps within this distance of the
             operating interval (the quadratic then only has to describe the edge there).
-        agree_p_value: below this chi2 probability the edge slopes and the table disagree, and the
-            AWC is refitted on the table slopes.
+        agree_p_value: below this chi2 probability the edge slopes ``S_k`` and the ratio of means
+            of the hits at the operating pair disagree (flag ``slopes_disagree``; with
+            ``awc_source="auto"`` the AWC is then taken from the table line).
         qdc_max: charges at or above this (QDC saturation) stay out of the slope table.
         trim_predictor: the per-channel quantity the trim regresses the AWC on.
+        slope_table: what the correction interpolates. ``"power_law"``: a line in ``ln S``
+            versus ``ln Q`` through the intensities' points, tabulated on log-spaced nodes;
+            ``"log_quadratic"``: the same with a quadratic term (edges that do not scale, an
+            offset between the T1 and T2 discriminators); ``"auto"`` (default): the quadratic
+            term only where it is significant; ``"bins"``: the measured equal-count charge bins
+            themselves (see :func:`_smooth_table` for why these serve the correction less well).
+        awc_source: which line gives ``awc_uA`` and ``t0_ns``. ``"auto"`` (default, the design's
+            rule): the edge line, unless the two slope measurements disagree, then the table line.
+            ``"edge"``: ``T_k`` against the edge secants ``1 / S_k`` (the paper's fit). ``"lut"``:
+            against the table's own mean inverse slope at each intensity (what the correction
+            subtracts there). Both AWCs are stored (``awc_edge_uA``, ``awc_lut_uA``).
+        table_uses_edges: the table's intensity points average the hits at the operating pair
+            with the edge secant ``S_k`` of the same intensity (two measurements of the same
+            slope; the edge uses all thr2 steps near the pair, so the table gets more precise).
 
     Returns:
         An :class:`AwcFit`. A channel that cannot be calibrated has NaN and a ``flag``; nothing
@@ -286,7 +319,12 @@ def fit_awc(
         raise ValueError(f"n_lut_bins must be 1..{AWC_LUT_SIZE}, got {n_lut_bins}")
     ch = np.asarray(channel)
     st = np.asarray(step)
-    t1_a = np.asarray(t1, dtype=np.float64)
+    if ch.dtype.kind not in "iu":
+        ch = ch.astype(np.intp)
+    if st.dtype.kind not in "iu":
+        st = st.astype(np.intp)
+    # t1 is read twice (difference and sums): one contiguous copy of a record-array view pays off
+    t1_a = np.ascontiguousarray(t1, dtype=np.float64)
     t2_a = np.asarray(t2, dtype=np.float64)
     q_a = np.asarray(q)
     n_hits = ch.size
@@ -295,24 +333,24 @@ def fit_awc(
     intens = np.asarray(intensity, dtype=np.float64)
     n_steps = intens.size
     n_ch = int(n_channels) if n_channels is not None else (int(ch.max()) + 1 if n_hits else 0)
-    if n_hits:
-        if int(st.min()) < 0 or int(st.max()) >= n_steps:
-            raise ValueError(f"step indices must lie in 0..{n_steps - 1}")
-        if int(ch.max()) >= n_ch:
-            raise ValueError(f"channel numbers must lie below n_channels = {n_ch}")
+    if n_hits and (int(st.min()) < 0 or int(st.max()) >= n_steps):
+        raise ValueError(f"step indices must lie in 0..{n_steps - 1}")
+    if n_hits and n_channels is not None and int(ch.max()) >= n_ch:
+        raise ValueError(f"channel numbers must lie in 0..{n_ch - 1}")
     thr1 = _per_channel_steps(thr1_uA, n_steps, n_ch, "thr1_uA")
     thr2 = _per_channel_steps(thr2_uA, n_steps, n_ch, "thr2_uA")
     tol = 0.5 * lsb_uA * (1 + 1e-6)
 
-    # ---- stage 1: one pass over the hits, grouped by (channel, step) ------------------------
+    # ---- stage 1: one pass over the hits, grouped by (channel, step) --------------------------
     acc = _accumulate_steps(ch, st, t1_a, t2_a, n_ch, n_steps)
     n_t2 = acc.n_t2.reshape(n_ch, n_steps)
     n_all = n_t2 + acc.n_no_t2.reshape(n_ch, n_steps)
-    step_stats = stats_from_sums(n_t2, acc.sum_d.reshape(n_ch, n_steps),
-                                 acc.sum_dd.reshape(n_ch, n_steps))
+    step_stats = stats_from_sums(
+        n_t2, acc.sum_d.reshape(n_ch, n_steps), acc.sum_dd.reshape(n_ch, n_steps)
+    )
     sum_t1 = acc.sum_t1.reshape(n_ch, n_steps)
 
-    # ---- operating thresholds, realised per channel ------------------------------------------
+    # ---- operating thresholds, realised per channel -------------------------------------------
     flags: list[list[str]] = [[] for _ in range(n_ch)]
 
     def flag(mask: NDArray[np.bool_], name: str) -> None:
@@ -326,85 +364,137 @@ def fit_awc(
         cb = np.broadcast_to(np.asarray(channel_bar), (n_ch,))
         lit = cb[:, None] == sb[None, :]
     live = has_data & lit
+    # the scan's fixed thr1 (realised, per channel), and the operating thr1 (the same by default)
+    thr1_scan = _snap(thr1, live, _masked_median(thr1, live), tol)
+    at_thr1 = live & (np.abs(thr1 - thr1_scan[:, None]) <= tol)
     thr1_req = _per_channel(thr1_op_uA, n_ch)
-    if thr1_req is None:
-        with np.errstate(all="ignore"):
-            thr1_req = _masked_median(thr1, live)
-    thr1_op = _snap(thr1, live, thr1_req, tol)
-    at_thr1 = live & (np.abs(thr1 - thr1_op[:, None]) <= tol)
+    thr1_op = thr1_scan if thr1_req is None else _snap(thr1, live, thr1_req, tol)
     thr2_req = _per_channel(thr2_op_uA, n_ch)
     if thr2_req is None:
         thr2_req = thr1_op + thr_gap_uA
     thr2_op = _snap(thr2, at_thr1, thr2_req, tol)
-    op_step = at_thr1 & (np.abs(thr2 - thr2_op[:, None]) <= tol)
+    # the hits at the operating pair itself: they make the slope table
+    op_step = (
+        at_thr1
+        & (np.abs(thr1 - thr1_op[:, None]) <= tol)
+        & (np.abs(thr2 - thr2_op[:, None]) <= tol)
+    )
     gap = thr2_op - thr1_op
 
     n_hits_ch = n_all.sum(axis=1)
     flag(n_t2.sum(axis=1) == 0, NO_HITS)
     flag((n_t2.sum(axis=1) > 0) & ~op_step.any(axis=1), NO_OPERATING_STEP)
 
-    # ---- intensities ----------------------------------------------------------------------------
+    # ---- intensities --------------------------------------------------------------------------
     levels, k_of_step = np.unique(intens, return_inverse=True)
     n_k = levels.size
     ck = np.arange(n_ch)[:, None] * n_k + k_of_step[None, :]  # (C, S) -> (channel, intensity)
 
-    # ---- stage 3a: the slope table from the hits at the operating thresholds ----------------
+    # ---- the hits at the operating thresholds -------------------------------------------------
     op_hits = _select_hits(acc.group, op_step.ravel())
-    lut = _slope_table(
-        ch[op_hits], q_a[op_hits], acc.d[op_hits], acc.d_ok[op_hits], t1_a[op_hits],
-        k_of_step[st[op_hits]], n_ch, n_k, gap, n_lut_bins, min_hits_per_bin,
-        min_t2_efficiency, qdc_max, slope_table,
-    )
-    flag(op_step.any(axis=1) & (lut.n_bins_ok < 2), NO_SLOPE_TABLE)
+    op_ch = ch[op_hits].astype(np.intp)
+    op_k = k_of_step[st[op_hits]]
+    op_ok = acc.d_ok[op_hits]
+    # spread of t1 per (channel, intensity): the error of <t1>_k in T_k
+    var_t1 = grouped_stats((op_ch * n_k + op_k)[op_ok], n_ch * n_k, t1_a[op_hits][op_ok]).var
 
-    # ---- stage 2: mean edges per (channel, intensity) ----------------------------------------
+    # ---- stage 2: mean edges per (channel, intensity) -----------------------------------------
     with np.errstate(divide="ignore", invalid="ignore"):
         eff = n_t2 / n_all
     usable = (
-        at_thr1 & (n_t2 >= max(min_hits_per_step, 2)) & (eff >= min_t2_efficiency)
-        & np.isfinite(thr2) & np.isfinite(step_stats.var)
+        at_thr1
+        & (n_t2 >= max(min_hits_per_step, 2))
+        & (eff >= min_t2_efficiency)
+        & np.isfinite(thr2)
+        & np.isfinite(step_stats.var)
     )
     if edge_window_uA is not None:
         lo = np.minimum(thr1_op, thr2_op)[:, None] - edge_window_uA
         hi = np.maximum(thr1_op, thr2_op)[:, None] + edge_window_uA
         usable &= (thr2 >= lo) & (thr2 <= hi)
     edges = _fit_edges(
-        usable, ck, n_ch * n_k, thr2, step_stats, sum_t1, n_t2, thr1_op, thr2_op, tol,
-        lut.var_t1.ravel(),
+        usable,
+        ck,
+        n_ch * n_k,
+        thr2,
+        step_stats,
+        sum_t1,
+        n_t2,
+        thr1_op,
+        thr2_op,
+        tol,
+        var_t1,
     )
 
-    # ---- stage 3b: the AWC lines on both slope definitions -------------------------------------
+    # ---- stage 3a: the slope table ------------------------------------------------------------
+    with np.errstate(invalid="ignore"):
+        edge_d = (edges.inv_slope * np.repeat(gap, n_k)).reshape(n_ch, n_k)
+        edge_d_var = (edges.var_inv_slope * np.repeat(gap, n_k) ** 2).reshape(n_ch, n_k)
+    lut = _slope_table(
+        op_ch,
+        q_a[op_hits],
+        acc.d[op_hits],
+        op_ok,
+        op_k,
+        n_ch,
+        n_k,
+        gap,
+        n_lut_bins,
+        min_hits_per_bin,
+        min_t2_efficiency,
+        qdc_max,
+        slope_table,
+        edge_d if table_uses_edges else None,
+        edge_d_var,
+    )
+    table_nodes = (np.isfinite(lut.s) & np.isfinite(lut.q)).sum(axis=1)
+    flag(op_step.any(axis=1) & (table_nodes < 2), NO_SLOPE_TABLE)
+
+    # ---- stage 3b: the AWC lines on both slope definitions ------------------------------------
     # the table's slope at intensity k is 1 / <1/S(Q)> over that intensity's hits: the mean
     # corrected time there is T_k - AWC <1/S(Q)>, so this is the x that makes the table consistent
     point_ch = np.repeat(np.arange(n_ch), n_k)
     q_k = lut.q_k.ravel()
     with np.errstate(divide="ignore", invalid="ignore"):
         s_lut_k = 1.0 / lut.x_k.ravel()
-        s_lut_k_err = s_lut_k * lut.x_k_relerr.ravel()
+        x_var = np.einsum("gkk->gk", lut.x_k_cov).ravel()
+        s_lut_k_err = s_lut_k**2 * np.sqrt(x_var)
     valid_pt = edges.valid & np.isfinite(s_lut_k) & np.isfinite(s_lut_k_err)
     t_k = edges.t_thr1.reshape(n_ch, n_k)
     var_t_k = edges.var_t_thr1.reshape(n_ch, n_k)
     use_edge = edges.valid.reshape(n_ch, n_k)
     use_lut = valid_pt.reshape(n_ch, n_k)
     x_edge = edges.inv_slope.reshape(n_ch, n_k)
-    fit_edge = _awc_line(t_k, var_t_k, x_edge, edges.var_inv_slope.reshape(n_ch, n_k),
-                         edges.cov_t_inv.reshape(n_ch, n_k), use_edge, min_intensities)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        x_lut = (1.0 / s_lut_k).reshape(n_ch, n_k)
-        var_x_lut = (s_lut_k_err**2 / s_lut_k**4).reshape(n_ch, n_k)
-    fit_lut = _awc_line(t_k, var_t_k, x_lut, var_x_lut, np.zeros_like(x_lut), use_lut,
-                        min_intensities)
+    cov_x_edge = np.zeros((n_ch, n_k, n_k))
+    cov_x_edge[:, np.arange(n_k), np.arange(n_k)] = edges.var_inv_slope.reshape(n_ch, n_k)
+    fit_edge = _awc_line(
+        t_k,
+        var_t_k,
+        x_edge,
+        cov_x_edge,
+        edges.cov_t_inv.reshape(n_ch, n_k),
+        use_edge,
+        min_intensities,
+    )
+    fit_lut = _awc_line(
+        t_k, var_t_k, lut.x_k, lut.x_k_cov, np.zeros_like(lut.x_k), use_lut, min_intensities
+    )
 
-    # do S_k and S(Q_k) agree within errors, at the intensities both have?
+    # do the two measurements of each intensity's slope agree: the edge secant S_k (all thr2
+    # steps near the operating pair) and the ratio of means of the hits at the operating pair?
     s_edge = 1.0 / edges.inv_slope
+    s_op = lut.s_op_k.ravel()
     with np.errstate(divide="ignore", invalid="ignore"):
         var_s_edge = edges.var_inv_slope * s_edge**4
-        pull2 = (s_edge - s_lut_k) ** 2 / (var_s_edge + s_lut_k_err**2)
-    both = valid_pt.reshape(n_ch, n_k)
+        pull2 = (s_edge - s_op) ** 2 / (var_s_edge + lut.s_op_k_err.ravel() ** 2)
+    both = (edges.valid & np.isfinite(pull2)).reshape(n_ch, n_k)
     chi2_agree = np.where(both, pull2.reshape(n_ch, n_k), 0.0).sum(axis=1)
     ndf_agree = both.sum(axis=1)
     p_agree = np.where(ndf_agree > 0, chi2_dist.sf(chi2_agree, np.maximum(ndf_agree, 1)), np.nan)
-    take_lut = (p_agree < agree_p_value) & np.isfinite(fit_lut.awc)
+    if awc_source == "auto":
+        take_lut = (p_agree < agree_p_value) & np.isfinite(fit_lut.awc)
+    else:
+        take_lut = np.full(n_ch, awc_source == "lut")
     # a channel whose edges give no line but whose table does: the table line is all there is
     take_lut |= ~np.isfinite(fit_edge.awc) & np.isfinite(fit_lut.awc)
     flag(p_agree < agree_p_value, SLOPES_DISAGREE)
@@ -417,12 +507,12 @@ def fit_awc(
     no_line = ~np.isfinite(awc) & (n_t2.sum(axis=1) > 0)
     flag(no_line & (n_used < min_intensities), TOO_FEW_INTENSITIES)
 
-    # ---- stage 4: trim across channels -----------------------------------------------------------
+    # ---- stage 4: trim across channels --------------------------------------------------------
     predictor = lut.line_b if trim_predictor == "slope_b" else lut.elasticity
     trim, awc_trimmed = _trim(awc, predictor, trim_predictor)
     flag(np.isfinite(awc) & ~np.isfinite(awc_trimmed), NO_TRIM)
 
-    # ---- assemble ----------------------------------------------------------------------------------
+    # ---- assemble -----------------------------------------------------------------------------
     out = np.zeros(n_ch, dtype=AWC_DTYPE)
     out["channel"] = np.arange(n_ch)
     out["awc_uA"] = awc
@@ -466,6 +556,8 @@ def fit_awc(
     points["t_thr2_ns"] = edges.t_thr2
     points["slope_edge"] = s_edge
     points["slope_edge_err"] = np.sqrt(var_s_edge)
+    points["slope_op"] = s_op
+    points["slope_op_err"] = lut.s_op_k_err.ravel()
     points["slope_lut"] = s_lut_k
     points["slope_lut_err"] = s_lut_k_err
     points["used"] = np.where(np.repeat(take_lut, n_k), valid_pt, edges.valid)
@@ -485,6 +577,9 @@ def fit_awc(
         "agree_p_value": agree_p_value,
         "qdc_max": qdc_max,
         "trim_predictor": trim_predictor,
+        "slope_table": slope_table,
+        "awc_source": awc_source,
+        "table_uses_edges": int(table_uses_edges),
     }
     return AwcFit(out, points, trim, parameters)
 
@@ -507,8 +602,12 @@ class _StepSums(NamedTuple):
 
 
 def _accumulate_steps(
-    ch: NDArray[Any], st: NDArray[Any], t1: NDArray[np.float64], t2: NDArray[np.float64],
-    n_ch: int, n_steps: int,
+    ch: NDArray[Any],
+    st: NDArray[Any],
+    t1: NDArray[np.float64],
+    t2: NDArray[np.float64],
+    n_ch: int,
+    n_steps: int,
 ) -> _StepSums:
     """Counts and sums of ``d = t2 - t1`` and ``t1`` per (channel, step).
 
@@ -523,6 +622,7 @@ def _accumulate_steps(
     no_t2 = ~d_ok
     np.add(group, n_groups, out=group, where=no_t2)
     np.copyto(d, 0.0, where=no_t2)
+
     counts = np.bincount(group, minlength=2 * n_groups)
     sum_d = np.bincount(group, weights=d, minlength=2 * n_groups)[:n_groups]
     sum_dd = np.bincount(group, weights=d * d, minlength=2 * n_groups)[:n_groups]
@@ -540,12 +640,13 @@ def _select_hits(group: NDArray[np.intp], selected_groups: NDArray[np.bool_]) ->
 
 def _masked_median(values: NDArray[np.float64], mask: NDArray[np.bool_]) -> NDArray[np.float64]:
     """Median of every row over the masked entries (NaN for an empty row)."""
-    v = np.where(mask, values, np.nan)
-    out = np.full(values.shape[0], np.nan)
-    rows = mask.any(axis=1)
-    if rows.any():
-        out[rows] = np.nanmedian(v[rows], axis=1)
-    return out
+    keep = mask & np.isfinite(values)
+    v = np.sort(np.where(keep, values, np.inf), axis=1)  # the masked-out sort last
+    n = keep.sum(axis=1)
+    rows = np.arange(values.shape[0])
+    lo = v[rows, np.maximum((n - 1) // 2, 0)] if values.shape[1] else np.full(n.size, np.nan)
+    hi = v[rows, np.maximum(n // 2, 0)] if values.shape[1] else lo
+    return np.where(n > 0, 0.5 * (lo + hi), np.nan)
 
 
 def _snap(
@@ -577,34 +678,42 @@ class _SlopeTable(NamedTuple):
     line_b: NDArray[np.float64]
     elasticity: NDArray[np.float64]
     x_k: NDArray[np.float64]  # (C, K) mean 1/S_table(Q) over the hits of intensity k, ns/uA
-    x_k_relerr: NDArray[np.float64]
+    x_k_cov: NDArray[np.float64]  # (C, K, K) covariance of x_k through the table's fit
     q_k: NDArray[np.float64]  # (C, K) mean charge per intensity at the operating thresholds
-    var_t1: NDArray[np.float64]  # (C, K) variance of t1 per intensity (for the error of <t1>)
+    s_op_k: NDArray[np.float64]  # (C, K) ratio-of-means slope of the intensity's hits
+    s_op_k_err: NDArray[np.float64]
 
 
 def _slope_table(
-    ch: NDArray[Any], q: NDArray[Any], d: NDArray[np.float64], d_ok: NDArray[np.bool_],
-    t1: NDArray[np.float64], k: NDArray[np.intp], n_ch: int, n_k: int,
-    gap: NDArray[np.float64], n_bins: int, min_hits: int, min_eff: float, qdc_max: float,
+    c: NDArray[np.intp],
+    q: NDArray[Any],
+    d: NDArray[np.float64],
+    d_ok: NDArray[np.bool_],
+    k: NDArray[np.intp],
+    n_ch: int,
+    n_k: int,
+    gap: NDArray[np.float64],
+    n_bins: int,
+    min_hits: int,
+    min_eff: float,
+    qdc_max: float,
     kind: str,
+    edge_d: NDArray[np.float64] | None,
+    edge_d_var: NDArray[np.float64],
 ) -> _SlopeTable:
-    """Slope versus charge from the hits at the operating thresholds (all intensities pooled)."""
-    c = ch.astype(np.intp)
+    """Slope versus charge from the hits at the operating thresholds."""
     qf = q.astype(np.float64)
     in_range = np.isfinite(qf) & (qf < qdc_max)
-    b = quantile_bin_index(c, np.where(in_range, qf, np.nan), n_ch, n_bins)
+
+    # measured bins: equal-count charge bins over all intensities pooled, ratio of means in each
+    b = quantile_bin_index(c, np.where(in_range, qf, np.nan), n_ch, n_bins, method="histogram")
     n_groups = n_ch * n_bins
     g = np.where(b >= 0, c * n_bins + b, n_groups)  # overflow group: saturated or NaN charge
     ok = d_ok & (b >= 0)
     n_all = np.bincount(g, minlength=n_groups + 1)[:n_groups]
     g_ok = g[ok]
-    q_ok = qf[ok]
     stats = grouped_stats(g_ok, n_groups, d[ok])
-    q_sum = np.bincount(g_ok, weights=q_ok, minlength=n_groups)[:n_groups]
-    q_min = np.full(n_groups, np.inf)
-    q_max = np.full(n_groups, -np.inf)
-    np.minimum.at(q_min, g_ok, q_ok)
-    np.maximum.at(q_max, g_ok, q_ok)
+    q_sum = np.bincount(g_ok, weights=qf[ok], minlength=n_groups)[:n_groups]
     shape = (n_ch, n_bins)
     with np.errstate(divide="ignore", invalid="ignore"):
         q_mean = (q_sum / stats.n).reshape(shape)
@@ -619,83 +728,172 @@ def _slope_table(
     q_mean = np.where(n_ok > 0, q_mean, np.nan)
     w = np.where(good, 1.0 / s_err**2, 0.0)
 
-    # the line S = a + b Q, weighted by the slope errors (the trim's b)
+    # the line S = a + b Q through the bins, weighted by the slope errors (the trim's b)
     line = batched_polyfit(q_mean, s, w, deg=1)
     a_, b_ = line.coef[:, 0], line.coef[:, 1]
     with np.errstate(divide="ignore", invalid="ignore"):
         q_bar = (w * np.where(good, q_mean, 0.0)).sum(axis=1) / w.sum(axis=1)
         elasticity = b_ * q_bar / (a_ + b_ * q_bar)
 
+    # per intensity: the whole cluster of charges the laser made, at the operating thresholds
+    ck = c * n_k + k
+    n_pts = n_ch * n_k
+    ck_ok = ck[d_ok]
+    k_all = np.bincount(ck[in_range], minlength=n_pts)[:n_pts]
+    k_ok = d_ok & in_range
+    k_q = grouped_stats(ck[k_ok], n_pts, qf[k_ok])
+    k_d = grouped_stats(ck[k_ok], n_pts, d[k_ok])
     if kind == "bins":
         table_q, table_s, table_err = q_mean, s, s_err
+        table_cov = ref = None
     else:
-        lo = np.where(good, q_min.reshape(shape), np.inf).min(axis=1, initial=np.inf)
-        hi = np.where(good, q_max.reshape(shape), -np.inf).max(axis=1, initial=-np.inf)
-        table_q, table_s, table_err = _smooth_table(q_mean, s, s_err, good, lo, hi, n_bins)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            k_good = (k_d.n >= max(min_hits, 2)) & (k_d.n >= min_eff * k_all) & (k_d.mean > 0)
+        d_mean = k_d.mean.reshape(n_ch, n_k)
+        d_var = k_d.sem.reshape(n_ch, n_k) ** 2
+        if edge_d is not None:
+            both = np.isfinite(edge_d) & np.isfinite(edge_d_var) & (edge_d_var > 0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                wa, wb = 1.0 / d_var, np.where(both, 1.0 / edge_d_var, 0.0)
+                d_mean = np.where(
+                    both, (wa * d_mean + wb * np.nan_to_num(edge_d)) / (wa + wb), d_mean
+                )
+                d_var = np.where(both, 1.0 / (wa + wb), d_var)
+        table_q, table_s, table_err, table_cov, ref = _smooth_table(
+            k_q.mean.reshape(n_ch, n_k),
+            k_q.var.reshape(n_ch, n_k),
+            d_mean,
+            np.sqrt(d_var),
+            k_good.reshape(n_ch, n_k),
+            gap,
+            n_bins,
+            {"power_law": "never", "log_quadratic": "always"}.get(kind, "if_needed"),
+        )
 
-    # per intensity at the operating thresholds: mean charge, spread of t1, and the mean
-    # inverse table slope over the very hits (what the correction subtracts, on average)
-    ck = c * n_k + k
-    ck_ok = ck[d_ok]
-    k_stats = grouped_stats(ck_ok, n_ch * n_k, qf[d_ok])
-    t1_stats = grouped_stats(ck_ok, n_ch * n_k, t1[d_ok])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s_op_k = np.repeat(gap, n_k) / k_d.mean
+        s_op_k_err = s_op_k * k_d.sem / k_d.mean
+        s_op_k = np.where(k_d.n >= max(min_hits, 2), s_op_k, np.nan)
+
+    # the mean inverse table slope over each intensity's hits: what the correction subtracts there
     s_hit = grouped_interp(c[d_ok], qf[d_ok], table_q, table_s)
     fin = np.isfinite(s_hit)
-    x_stats = grouped_stats(ck_ok[fin], n_ch * n_k, 1.0 / s_hit[fin])
+    x_stats = grouped_stats(ck_ok[fin], n_pts, 1.0 / s_hit[fin])
+    all_stats_n = np.bincount(ck_ok, minlength=n_pts)[:n_pts]
     point_ch = np.repeat(np.arange(n_ch), n_k)
     with np.errstate(divide="ignore", invalid="ignore"):
-        rel = grouped_interp(point_ch, k_stats.mean, table_q, table_err / table_s)
-        # every hit of the intensity counted: a partial cover by the table is no estimate
-        x_k = np.where(x_stats.n == k_stats.n, x_stats.mean, np.nan)
+        # every hit of the intensity must have a slope: a partial cover is no estimate
+        x_k = np.where(x_stats.n == all_stats_n, x_stats.mean, np.nan).reshape(n_ch, n_k)
+        if table_cov is None or ref is None:
+            rel = grouped_interp(point_ch, k_q.mean, table_q, table_err / table_s)
+            x_cov = np.zeros((n_ch, n_k, n_k))
+            x_cov[:, np.arange(n_k), np.arange(n_k)] = (x_k * rel.reshape(n_ch, n_k)) ** 2
+        else:
+            # x_k ~ <exp(-ln S(u))>: its derivatives by the curve's coefficients at u of <Q>_k
+            u_k = np.log(k_q.mean.reshape(n_ch, n_k)) - ref[:, None]
+            jac = -x_k[..., None] * u_k[..., None] ** np.arange(3)
+            x_cov = np.einsum("gki,gij,glj->gkl", jac, table_cov, jac)
     return _SlopeTable(
-        q_mean, s, s_err, n_ok, table_q, table_s, table_err, good.sum(axis=1), a_, b_,
-        elasticity, x_k.reshape(n_ch, n_k), rel.reshape(n_ch, n_k),
-        k_stats.mean.reshape(n_ch, n_k), t1_stats.var.reshape(n_ch, n_k),
+        q_mean,
+        s,
+        s_err,
+        n_ok,
+        table_q,
+        table_s,
+        table_err,
+        good.sum(axis=1),
+        a_,
+        b_,
+        elasticity,
+        x_k,
+        x_cov,
+        k_q.mean.reshape(n_ch, n_k),
+        s_op_k.reshape(n_ch, n_k),
+        s_op_k_err.reshape(n_ch, n_k),
     )
 
 
 def _smooth_table(
-    q: NDArray[np.float64], s: NDArray[np.float64], s_err: NDArray[np.float64],
-    good: NDArray[np.bool_], lo: NDArray[np.float64], hi: NDArray[np.float64], n_nodes: int,
-) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
-    """The measured bins smoothed by ``ln S = p0 + p1 u + p2 u**2``, ``u = ln(Q / Q_ref)``, and
-    tabulated at ``n_nodes`` log-spaced charges spanning the measured hits.
+    q_k: NDArray[np.float64],
+    var_q_k: NDArray[np.float64],
+    d_k: NDArray[np.float64],
+    d_k_err: NDArray[np.float64],
+    good: NDArray[np.bool_],
+    gap: NDArray[np.float64],
+    n_nodes: int,
+    curvature: str,
+    n_iter: int = 3,
+) -> tuple[
+    NDArray[np.float64],
+    NDArray[np.float64],
+    NDArray[np.float64],
+    NDArray[np.float64],
+    NDArray[np.float64],
+]:
+    """The slope table from the intensity clusters, as a smooth curve on log-spaced nodes.
 
-    The calibration lights a few discrete intensities, so the measured bins cluster around a few
-    charges with gaps between them; straight lines across the gaps would cut the concave S(Q)
-    short by up to a few per cent (tens of ps of walk). A power law is a straight line in log-log,
-    and the quadratic term takes up shapes that do not scale; the dense log-spaced nodes then make
-    linear interpolation of the stored table agree with the smooth curve to well below a ps.
+    Why not straight from charge bins: the calibration lights a few discrete intensities, so the
+    charges come in clusters with gaps between them, and straight lines across the gaps cut the
+    concave S(Q) short by a few per cent. Within a cluster, a charge bin selects pulses by a charge
+    that is smeared by the QDC resolution, so the bins at a cluster's edges see amplitudes pulled
+    towards its centre (regression dilution) and the end bins of the table tilt by about 1 %.
+    A whole cluster has neither problem: its mean charge and its mean ``t2 - t1`` belong to the
+    same pulses. So each intensity gives one point ``(<Q>_k, (thr2 - thr1) / <t2 - t1>_k)``; the
+    curvature term ``f'' Var(Q) / 2`` of a cluster's spread is taken out (``f = t2 - t1`` as a
+    function of Q); and ``ln S = p0 + p1 u + p2 u**2``, ``u = ln(Q / Q_ref)``, is fitted through
+    the points (a power law is a straight line in log-log; the quadratic term takes up edges that
+    do not scale). The curve is tabulated at ``n_nodes`` log-spaced charges from 2 sigma below the
+    lowest cluster to 2 sigma above the highest, so that linear interpolation of the stored table
+    follows it to well below a picosecond.
     """
-    n_ch = q.shape[0]
+    n_ch = q_k.shape[0]
     n_good = good.sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        logq = np.log(np.where(good, q, 1.0))
-        w = np.where(good, (s / s_err) ** 2, 0.0)
+        s_raw = np.where(good, gap[:, None] / d_k, np.nan)
+        rel = np.where(good, d_k_err / d_k, np.nan)
+        logq = np.log(np.where(good, q_k, 1.0))
+        w = np.where(good, 1.0 / rel**2, 0.0)
         ref = (w * logq).sum(axis=1) / w.sum(axis=1)
-        u = np.where(good, logq - ref[:, None], 0.0)
-        y = np.where(good, np.log(s), 0.0)
-    quad = batched_polyfit(u, y, w, deg=2)
-    line = batched_polyfit(u, y, w, deg=1)
-    use_quad = quad.ok & (n_good >= 4)
-    coef = np.where(use_quad[:, None], quad.coef, np.pad(line.coef, ((0, 0), (0, 1))))
-    cov = np.where(use_quad[:, None, None], quad.cov, np.pad(line.cov, ((0, 0), (0, 1), (0, 1))))
-    ok = (use_quad | line.ok) & (n_good >= 2) & np.isfinite(lo) & np.isfinite(hi) & (hi > lo)
+    u = np.where(good, logq - np.where(np.isfinite(ref), ref, 0.0)[:, None], 0.0)
+    v_rel = np.where(good, var_q_k / np.where(good, q_k, 1.0) ** 2, 0.0)
+    v_rel = np.where(np.isfinite(v_rel), v_rel, 0.0)
+    y = np.log(np.where(good, s_raw, 1.0))
+    use_quad = (n_good >= 4) & (curvature != "never")
+    if curvature == "if_needed":
+        # the power law unless the quadratic term is significant (p < 1 % for one more parameter)
+        quad0 = batched_polyfit(u, y, w, deg=2)
+        line0 = batched_polyfit(u, y, w, deg=1)
+        use_quad &= quad0.ok & (line0.chi2 - quad0.chi2 > _CURVATURE_CHI2)
+    coef = np.zeros((n_ch, 3))
+    cov = np.zeros((n_ch, 3, 3))
+    ok = np.zeros(n_ch, dtype=bool)
+    for _ in range(n_iter):
+        quad = batched_polyfit(u, y, w, deg=2)
+        line = batched_polyfit(u, y, w, deg=1)
+        pick_q = use_quad & quad.ok
+        coef = np.where(pick_q[:, None], quad.coef, np.pad(line.coef, ((0, 0), (0, 1))))
+        cov = np.where(pick_q[:, None, None], quad.cov, np.pad(line.cov, ((0, 0), (0, 1), (0, 1))))
+        ok = (pick_q | line.ok) & (n_good >= 2)
+        # Jensen: <f(Q)> = f(<Q>) + f''(<Q>) Var(Q) / 2, with f = gap * exp(-ln S)
+        g1 = coef[:, 1:2] + 2 * coef[:, 2:3] * u
+        g2 = 2 * coef[:, 2:3]
+        factor = 1.0 + 0.5 * (g1**2 - g2 + g1) * v_rel
+        y = np.log(np.where(good & ok[:, None] & (factor > 0), s_raw * factor, 1.0))
+    sig = np.sqrt(v_rel)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lo = np.where(good, logq + np.log(np.maximum(1.0 - 2 * sig, 0.1)), np.inf).min(axis=1)
+        hi = np.where(good, logq + np.log(1.0 + 2 * sig), -np.inf).max(axis=1)
+    ok &= np.isfinite(lo) & np.isfinite(hi) & (hi > lo)
     frac = np.linspace(0.0, 1.0, n_nodes)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_nodes = np.log(np.where(ok, lo, 1.0))[:, None] + frac * np.log(
-            np.where(ok, hi / lo, np.e)
-        )[:, None]
+    log_nodes = np.where(ok, lo, 0.0)[:, None] + frac * np.where(ok, hi - lo, 0.0)[:, None]
     u_nodes = log_nodes - np.where(ok, ref, 0.0)[:, None]
     ln_s, v = batched_polyval(np.nan_to_num(coef), u_nodes, np.nan_to_num(cov))
     assert v is not None
-    nodes_q = np.exp(log_nodes)
+    nan = np.where(ok, 1.0, np.nan)[:, None]
     nodes_s = np.exp(ln_s)
     nodes_err = nodes_s * np.sqrt(np.maximum(np.einsum("gee->ge", v), 0.0))
-    nan = np.where(ok, 1.0, np.nan)[:, None]
-    return (
-        nodes_q * nan, nodes_s * nan, nodes_err * nan
-    ) if n_ch else (nodes_q, nodes_s, nodes_err)
+    ref_out = np.where(ok, ref, np.nan)
+    return np.exp(log_nodes) * nan, nodes_s * nan, nodes_err * nan, cov, ref_out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -719,9 +917,16 @@ class _Edges(NamedTuple):
 
 
 def _fit_edges(
-    usable: NDArray[np.bool_], ck: NDArray[np.intp], n_pts: int, thr2: NDArray[np.float64],
-    step_stats: Any, sum_t1: NDArray[np.float64], n_t2: NDArray[np.int64],
-    thr1_op: NDArray[np.float64], thr2_op: NDArray[np.float64], tol: float,
+    usable: NDArray[np.bool_],
+    ck: NDArray[np.intp],
+    n_pts: int,
+    thr2: NDArray[np.float64],
+    step_stats: Any,
+    sum_t1: NDArray[np.float64],
+    n_t2: NDArray[np.int64],
+    thr1_op: NDArray[np.float64],
+    thr2_op: NDArray[np.float64],
+    tol: float,
     var_t1: NDArray[np.float64],
 ) -> _Edges:
     """Quadratic mean edge per (channel, intensity) and its values at the operating thresholds."""
@@ -743,24 +948,32 @@ def _fit_edges(
     if x.shape[1] == 0:
         x = y = w = np.zeros((n_pts, 1))
     fit = batched_polyfit(x, y, np.nan_to_num(w), deg=2)
-    coef = fit.coef.copy()
-    cov = fit.cov.copy()
-    coef[:, 0] += t1_mean
-    cov[:, 0, 0] += np.where(np.isfinite(var_t1_mean), var_t1_mean, 0.0)
 
+    # D(thr) = <t2(thr) - t1> per intensity; the mean t2 edge is <t1> + D. From it, as the design
+    # has it: T_k = t(thr1_op) = <t1> + D(thr1_op), dt_k = t(thr2_op) - t(thr1_op).
     ops = np.stack([np.repeat(thr1_op, n_k), np.repeat(thr2_op, n_k)], axis=1)
-    vals, v = batched_polyval(coef, ops, cov)
+    vals, v = batched_polyval(fit.coef, ops, fit.cov)
     assert v is not None
+    comb = np.array([[1.0, 0.0], [-1.0, 1.0]])
+    t_rel = vals @ comb[0]
+    dt = vals @ comb[1]
+    cv = np.einsum("ai,gij,bj->gab", comb, v, comb)
+    with np.errstate(invalid="ignore"):
+        t_thr1 = t1_mean + t_rel
+        var_t_thr1 = cv[:, 0, 0] + np.where(np.isfinite(var_t1_mean), var_t1_mean, 0.0)
+    coef = fit.coef.copy()
+    coef[:, 0] += t1_mean  # the edge in absolute time, for the points table
     gap = ops[:, 1] - ops[:, 0]
     with np.errstate(invalid="ignore"):
         x_lo = np.nanmin(np.where(w > 0, x, np.nan), axis=1, initial=np.inf)
         x_hi = np.nanmax(np.where(w > 0, x, np.nan), axis=1, initial=-np.inf)
-    covered = (x_lo <= ops.min(axis=1) + tol) & (x_hi >= ops.max(axis=1) - tol)
-    dt = vals[:, 1] - vals[:, 0]
+    lo_need = ops.min(axis=1)
+    hi_need = ops.max(axis=1)
+    covered = (x_lo <= lo_need + tol) & (x_hi >= hi_need - tol)
     with np.errstate(divide="ignore", invalid="ignore"):
         inv_slope = dt / gap
-        var_inv = (v[:, 1, 1] + v[:, 0, 0] - 2 * v[:, 0, 1]) / gap**2
-        cov_t_inv = (v[:, 0, 1] - v[:, 0, 0]) / gap
+        var_inv = cv[:, 1, 1] / gap**2
+        cov_t_inv = cv[:, 0, 1] / gap
     enough = (n_steps_pt >= 4) & fit.ok
     positive = inv_slope > 0
     valid = enough & covered & positive
@@ -774,9 +987,19 @@ def _fit_edges(
         flags[i] = "|".join(why)
     nan = np.where(valid, 1.0, np.nan)
     return _Edges(
-        coef, fit.chi2, fit.ndf, n_steps_pt, all_hits.astype(np.int64), vals[:, 0] * nan,
-        v[:, 0, 0] * nan, vals[:, 1] * nan, inv_slope * nan, var_inv * nan, cov_t_inv * nan,
-        valid, flags,
+        coef,
+        fit.chi2,
+        fit.ndf,
+        n_steps_pt,
+        all_hits.astype(np.int64),
+        t_thr1 * nan,
+        var_t_thr1 * nan,
+        (t_thr1 + dt) * nan,
+        inv_slope * nan,
+        var_inv * nan,
+        cov_t_inv * nan,
+        valid,
+        flags,
     )
 
 
@@ -795,21 +1018,33 @@ class _Line(NamedTuple):
 
 
 def _awc_line(
-    t: NDArray[np.float64], var_t: NDArray[np.float64], x: NDArray[np.float64],
-    var_x: NDArray[np.float64], cov_tx: NDArray[np.float64], use: NDArray[np.bool_],
+    t: NDArray[np.float64],
+    var_t: NDArray[np.float64],
+    x: NDArray[np.float64],
+    cov_x: NDArray[np.float64],
+    cov_tx: NDArray[np.float64],
+    use: NDArray[np.bool_],
     min_points: int,
 ) -> _Line:
-    """``T = t0 + AWC x`` per channel with errors on both axes (effective variance, 2 passes)."""
+    """``T = t0 + AWC x`` per channel, with errors on both axes.
+
+    ``cov_x`` is the ``(C, K, K)`` covariance of the x values (the table's points are correlated
+    through the curve they come from), ``cov_tx`` the covariance of ``T_k`` and ``x_k``. An error
+    in ``x`` moves a point by ``-AWC dx`` in T, so the fit is generalised least squares with
+    ``V = diag(var_T) + AWC**2 C_x - 2 AWC diag(cov_Tx)``, iterated on the AWC.
+    """
     use = use & np.isfinite(t) & np.isfinite(x) & np.isfinite(var_t) & (var_t >= 0)
-    var_x = np.where(np.isfinite(var_x), var_x, 0.0)
+    cov_x = np.where(np.isfinite(cov_x), cov_x, 0.0)
     cov_tx = np.where(np.isfinite(cov_tx), cov_tx, 0.0)
-    slope = np.zeros(t.shape[0])
+    n_ch, n_k = t.shape
+    design = np.stack([np.ones_like(x), np.where(use, x, 0.0)], axis=2)
+    slope = np.zeros(n_ch)
     fit = None
+    idx = np.arange(n_k)
     for _ in range(3):
-        var_eff = var_t + slope[:, None] ** 2 * var_x - 2 * slope[:, None] * cov_tx
-        var_eff = np.maximum(var_eff, 1e-10)
-        w = np.where(use, 1.0 / var_eff, 0.0)
-        fit = batched_polyfit(np.where(use, x, 0.0), np.where(use, t, 0.0), w, deg=1)
+        v = slope[:, None, None] ** 2 * cov_x
+        v[:, idx, idx] += np.maximum(var_t - 2 * slope[:, None] * cov_tx, 0.0) + 1e-12
+        fit = batched_gls(design, np.where(use, t, 0.0), v, use)
         slope = np.where(np.isfinite(fit.coef[:, 1]), fit.coef[:, 1], 0.0)
     assert fit is not None
     n_points = use.sum(axis=1)
@@ -892,10 +1127,13 @@ def correct_times(
         d1 = np.abs(constants["thr1_op_uA"] - operating_thr_uA[0])
         d2 = np.abs(constants["thr2_op_uA"] - operating_thr_uA[1])
         if np.any((d1 > 0.2) | (d2 > 0.2)):
+            made = (
+                float(np.nanmedian(constants["thr1_op_uA"])),
+                float(np.nanmedian(constants["thr2_op_uA"])),
+            )
             raise AnalysisError(
-                f"AWC constants were made for thresholds ({np.nanmedian(constants['thr1_op_uA']):.2f},"
-                f" {np.nanmedian(constants['thr2_op_uA']):.2f}) uA, the data has "
-                f"({operating_thr_uA[0]:.2f}, {operating_thr_uA[1]:.2f}) uA: recalibrate"
+                f"AWC constants were made for thresholds ({made[0]:.2f}, {made[1]:.2f}) uA, the"
+                f" data has ({operating_thr_uA[0]:.2f}, {operating_thr_uA[1]:.2f}) uA: recalibrate"
             )
     row = _row_of_channel(constants, ch)
     s = grouped_interp(row, q_a, constants["slope_lut_q"], constants["slope_lut_s"])
@@ -957,9 +1195,7 @@ def residual_walk(
     out = np.zeros(n_ch, dtype=RESIDUAL_WALK_DTYPE)
     out["channel"] = rows
     out["spread_ns"] = np.where(enough, mean[rows, hi_i] - mean[rows, lo_i], np.nan)
-    out["spread_err_ns"] = np.where(
-        enough, np.hypot(err[rows, hi_i], err[rows, lo_i]), np.nan
-    )
+    out["spread_err_ns"] = np.where(enough, np.hypot(err[rows, hi_i], err[rows, lo_i]), np.nan)
     out["chi2_flat"] = np.where(enough, chi2, np.nan)
     out["ndf"] = n_good - 1
     pad = ((0, 0), (0, AWC_LUT_SIZE - n_bins))

@@ -31,9 +31,10 @@ from ._validators import (
     strict_int_range,
     strict_range,
 )
-from .hits import HIT_DTYPE, empty_hits
+from .hits import CHANNEL_DTYPE, HIT_DTYPE, empty_hits
 
 __all__ = [
+    "CHANNEL_DTYPE",
     "HIT_DTYPE",
     "MAX_BLOCK_BYTES",
     "Identity",

@@ -24,3 +24,16 @@ def empty_hits(n: int = 0) -> np.ndarray:
     for name in ("t1", "t2", "q", "tot"):
         hits[name] = np.nan
     return hits
+
+
+#: One row per readout channel: the ``/channels`` compound of run-file format version 1 and the
+#: channel map of a stand file.
+CHANNEL_DTYPE = np.dtype(
+    [
+        ("channel", "<u2"),
+        ("plane", "<i2"),
+        ("bar", "<i2"),  # bar (TOFHIR) or pad (HPTDC)
+        ("board", "<i2"),  # readout board position
+        ("delay_ns", "<f4"),  # cable or fibre delay, ns
+    ]
+)

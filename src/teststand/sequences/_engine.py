@@ -55,6 +55,7 @@ class RunMetadata:
     simulated: bool = False
     channels: np.ndarray | None = None
     truth: np.ndarray | None = None
+    truth_attrs: Mapping[str, Any] = field(default_factory=dict)
     seed: int | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
@@ -192,9 +193,7 @@ class RunEngine:
                 status, reason = "failed", "safe state failed: " + "; ".join(safe_errors)
             self.state = "idle"
             if run.started:
-                self._emit(
-                    "stop", {"status": status, "finished_utc": utc_now(), "reason": reason}
-                )
+                self._emit("stop", {"status": status, "finished_utc": utc_now(), "reason": reason})
         if reraise is not None:
             raise reraise
         return RunResult(metadata.run_id, status, len(self.completed_steps), reason, error)
@@ -314,6 +313,7 @@ class RunEngine:
                 "channels": meta.channels,
                 "instruments": instruments,
                 "truth": meta.truth,
+                "truth_attrs": dict(meta.truth_attrs),
                 "n_steps": n_steps,
                 "seed": meta.seed,
             },

@@ -66,7 +66,9 @@ def open_step(**axes: float) -> Msg:
 
 def acquire(readout: str, n_triggers: int, *, return_hits: bool = False) -> Msg:
     """Take ``n_triggers`` triggers (laser pulses or random gates) with ``readout``."""
-    return Msg("acquire", readout, kwargs={"n_triggers": int(n_triggers), "return_hits": return_hits})
+    return Msg(
+        "acquire", readout, kwargs={"n_triggers": int(n_triggers), "return_hits": return_hits}
+    )
 
 
 def close_step() -> Msg:

@@ -15,7 +15,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import RecipeError
@@ -252,7 +251,9 @@ def resolve_recipe(spec: str) -> Path:
     path = Path(spec)
     if path.suffix != ".toml" and not path.exists():
         names = ", ".join(sorted(shipped))
-        raise RecipeError(f"{spec}: no such recipe file and no shipped recipe of that name ({names})")
+        raise RecipeError(
+            f"{spec}: no such recipe file and no shipped recipe of that name ({names})"
+        )
     return path
 
 
@@ -291,7 +292,9 @@ def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
     allowed = {"name", "kind", "description", "parameters"}
     extra = sorted(set(data) - allowed)
     if extra:
-        raise RecipeError(f"{path}: {extra[0]}: unknown key (expected {', '.join(sorted(allowed))})")
+        raise RecipeError(
+            f"{path}: {extra[0]}: unknown key (expected {', '.join(sorted(allowed))})"
+        )
     kind = data.get("kind")
     if kind is None:
         raise RecipeError(f"{path}: kind: missing (required; one of {', '.join(REGISTRY)})")
@@ -311,6 +314,6 @@ def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise RecipeError(f"{path}: {_describe_error(dict(first), 'parameters')}") from None
-    return Recipe(name=name, kind=kind, description=description, params=params, text=text, path=path)
-
-
+    return Recipe(
+        name=name, kind=kind, description=description, params=params, text=text, path=path
+    )

@@ -4,8 +4,8 @@ pyvisa-sim answers the readout's control plane (configuration, identity, acquisi
 cannot produce binary blocks. :class:`SimulatedReadoutLink` sits between the readout driver and
 its pyvisa-sim transport: it forwards every command, watches the acquisition commands, and at
 ``ACQ:START`` reads the laser and the threshold DAC **through their drivers**, exactly as the
-light and the thresholds would reach a real detector, and asks the model for the hits. It answers
-``ACQ:DONE?`` and ``FETCH?`` itself.
+light and the thresholds would reach a real detector. It answers ``ACQ:DONE?`` and ``FETCH?``
+itself, asking the model for the hits of the acquisition chunk by chunk as they are fetched.
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ class HitModel(Protocol):
     """What the link needs from a physics model (:class:`~teststand.sim.physics.TofhirModel`,
     :class:`~teststand.sim.physics.HptdcModel`)."""
 
+    @property
+    def n_channels(self) -> int:
+        """Number of channels (at most one hit per channel and trigger)."""
+        ...
+
     def generate(self, n_triggers: int, state: AcquisitionState) -> NDArray[Any]:
         """One acquisition of ``n_triggers`` triggers as HIT_DTYPE, events from 0."""
         ...
@@ -56,11 +61,18 @@ class SimulatedReadoutLink:
     * ``ACQ:COUNT <n>``: remembers the number of triggers of the next acquisition (forwarded);
     * ``ACQ:START [<n>]``: forwarded, then reads the instrument state through ``laser`` (output
       enabled, intensity, fibre channel) and ``dac`` (``codes('t1')``, ``codes('t2')``; ``None``
-      for the HPTDC bench) and generates the acquisition with ``model.generate``;
-    * ``ACQ:STOP``: forwarded; hits not yet fetched stay readable until the next start;
-    * ``ACQ:DONE?``: answered here, ``1`` once the acquisition is complete, else ``0``;
+      for the HPTDC bench), and the channel mask (``mask_query``); this snapshot is the
+      acquisition's state;
+    * ``ACQ:STOP``: forwarded; the triggers that happened stay fetchable until the next start
+      (with ``trigger_rate_hz``, the ones that had not happened yet never will);
+    * ``ACQ:DONE?``: answered here, ``1`` once every trigger happened, else ``0`` (also before
+      the first start);
     * ``FETCH?``: answered here with a definite-length block of at most ``max_block_hits``
-      hits (HIT_DTYPE bytes); an empty block (``#10``) once every hit was fetched.
+      hits (HIT_DTYPE bytes, event numbers from 0 at the start), ending on an event boundary
+      (when ``max_block_hits`` is at least the channel count); an empty block (``#10``) once
+      every hit of the triggers so far was fetched. The model generates the hits in chunks of
+      :attr:`events_per_chunk` triggers as they are fetched, so the same seed and the same
+      commands give the same hits, however the fetches are spread in time.
 
     Args:
         control: the readout's control-plane transport.
@@ -78,9 +90,17 @@ class SimulatedReadoutLink:
     Faults for tests of the engine's safe state: :meth:`inject_fault`.
     """
 
-    def __init__(self, control: Transport, model: HitModel, *, laser: Any, dac: Any = None,
-                 max_block_hits: int = 65536, trigger_rate_hz: float | None = None,
-                 mask_query: str | None = "CONF:MASK?") -> None:
+    def __init__(
+        self,
+        control: Transport,
+        model: HitModel,
+        *,
+        laser: Any,
+        dac: Any = None,
+        max_block_hits: int = 65536,
+        trigger_rate_hz: float | None = None,
+        mask_query: str | None = "CONF:MASK?",
+    ) -> None:
         if max_block_hits < 1:
             raise ValueError(f"max_block_hits must be >= 1, got {max_block_hits}")
         if trigger_rate_hz is not None and not trigger_rate_hz > 0:
@@ -96,8 +116,9 @@ class SimulatedReadoutLink:
         #: The state the last acquisition was generated from (for tests and diagnostics).
         self.last_state: AcquisitionState | None = None
         self._count = 0
-        self._hits = np.zeros(0, dtype=HIT_DTYPE)
-        self._cursor = 0
+        self._buffer = np.zeros(0, dtype=HIT_DTYPE)  # generated, not yet fetched
+        self._generated = 0  # triggers generated so far
+        self._enabled_channels: int | None = None
         self._n_triggers = 0
         self._started_at: float | None = None
         self._replies: deque[str | bytes] = deque()
@@ -158,8 +179,10 @@ class SimulatedReadoutLink:
             reply = self._replies.popleft()
             if isinstance(reply, bytes):
                 raise InstrumentReplyError(
-                    self.name, "a binary block arrived where a text line was expected",
-                    self.last_command)
+                    self.name,
+                    "a binary block arrived where a text line was expected",
+                    self.last_command,
+                )
             return reply
 
     def query(self, command: str) -> str:
@@ -175,6 +198,9 @@ class SimulatedReadoutLink:
     def query_block(self, command: str) -> bytes:
         """Write ``command`` and read a definite-length block; return its payload."""
         with self._lock:
+            if _split(command)[0] not in _LOCAL_QUERIES and not self._faults:
+                self.last_command = command
+                return self.control.query_block(command)
             self.write(command)
             if not self._replies:
                 raise InstrumentTimeout(self.name, "no block arrived within the timeout", command)
@@ -194,8 +220,9 @@ class SimulatedReadoutLink:
 
     # -- faults --------------------------------------------------------------------------------
 
-    def inject_fault(self, kind: FaultKind, command: str | None = "FETCH?", *,
-                     count: int = 1) -> None:
+    def inject_fault(
+        self, kind: FaultKind, command: str | None = "FETCH?", *, count: int = 1
+    ) -> None:
         """Make the next ``count`` matching commands fail.
 
         Args:
@@ -255,7 +282,8 @@ class SimulatedReadoutLink:
             count = int(arg)
         except ValueError:
             raise InstrumentReplyError(
-                self.name, f"trigger count {arg!r} is not an integer", command) from None
+                self.name, f"trigger count {arg!r} is not an integer", command
+            ) from None
         if count < 0:
             raise InstrumentReplyError(self.name, f"negative trigger count {count}", command)
         return count
@@ -269,40 +297,46 @@ class SimulatedReadoutLink:
         if self.dac is not None:
             t1 = np.asarray(self.dac.codes("t1"))
             t2 = np.asarray(self.dac.codes("t2"))
-        return AcquisitionState(laser_on=laser_on, intensity_pct=intensity,
-                                fibre_channel=fibre, t1_codes=t1, t2_codes=t2)
+        return AcquisitionState(
+            laser_on=laser_on,
+            intensity_pct=intensity,
+            fibre_channel=fibre,
+            t1_codes=t1,
+            t2_codes=t2,
+        )
 
     def _start(self, n_triggers: int) -> None:
-        state = self._instrument_state()
-        t = time.perf_counter()
-        hits = self.model.generate(n_triggers, state)
-        if self.mask_query is not None:
-            hits = hits[self._enabled(hits["channel"])]
-        log.debug("%s: %d triggers -> %d hits in %.2f ms", self.name, n_triggers, hits.size,
-                  1e3 * (time.perf_counter() - t))
-        self.last_state = state
-        self._hits = np.ascontiguousarray(hits, dtype=HIT_DTYPE)
-        self._cursor = 0
+        self.last_state = self._instrument_state()
+        self._enabled_channels = self._channel_mask()
+        self._buffer = np.zeros(0, dtype=HIT_DTYPE)
+        self._generated = 0
         self._n_triggers = n_triggers
         self._started_at = time.monotonic()
 
-    def _enabled(self, channel: NDArray[Any]) -> NDArray[np.bool_]:
-        reply = self.control.query(self.mask_query or "").strip()
+    def _channel_mask(self) -> int | None:
+        if self.mask_query is None:
+            return None
+        reply = self.control.query(self.mask_query).strip()
         try:
-            mask = int(reply)
+            return int(reply)
         except ValueError:
             raise InstrumentReplyError(
                 self.name, f"channel mask reply {reply!r} is not an integer", self.mask_query
             ) from None
-        shift = np.minimum(channel, 63).astype(np.uint64)
-        bit = (np.uint64(mask) >> shift) & np.uint64(1)
-        return (channel >= 32) | (bit == 1)
+
+    def _masked(self, hits: NDArray[Any]) -> NDArray[Any]:
+        if self._enabled_channels is None:
+            return hits
+        channel = hits["channel"]
+        bit = (
+            np.uint64(self._enabled_channels) >> np.minimum(channel, 63).astype(np.uint64)
+        ) & np.uint64(1)
+        return hits[(channel >= 32) | (bit == 1)]
 
     def _stop(self) -> None:
         if self._started_at is not None and not self._done():
             # Stopped early: the events not yet triggered never happen.
             self._n_triggers = self._events_so_far()
-            self._hits = self._hits[self._hits["event"] < self._n_triggers]
 
     def _events_so_far(self) -> int:
         if self._started_at is None or self.trigger_rate_hz is None:
@@ -313,14 +347,55 @@ class SimulatedReadoutLink:
     def _done(self) -> bool:
         return self._started_at is not None and self._events_so_far() >= self._n_triggers
 
+    @property
+    def events_per_chunk(self) -> int:
+        """Triggers the model generates at a time: a chunk never exceeds one block."""
+        return max(1, self.max_block_hits // max(1, int(self.model.n_channels)))
+
     def _next_block(self) -> bytes:
-        available = self._hits.size
-        if not self._done():
-            available = int(np.searchsorted(self._hits["event"], self._events_so_far()))
-        stop = min(available, self._cursor + self.max_block_hits)
-        block = self._hits[self._cursor:stop]
-        self._cursor = max(self._cursor, stop)
-        return encode_block(block.tobytes())
+        """The next hits of the events triggered so far, at most ``max_block_hits``.
+
+        Hits are generated lazily in chunks of :attr:`events_per_chunk` triggers, so that a long
+        acquisition never sits in memory and the hits do not depend on when FETCH? is asked.
+        """
+        happened = self._events_so_far()
+        parts = []
+        budget = self.max_block_hits
+        while True:
+            buffer = self._buffer
+            ready = int(np.searchsorted(buffer["event"], happened)) if buffer.size else 0
+            take = min(ready, budget)
+            full = take < ready
+            if full:
+                # End the block on an event boundary, unless one event alone is too big.
+                cut = int(np.searchsorted(buffer["event"], buffer["event"][take]))
+                if cut > 0 or parts:
+                    take = cut
+            if take:
+                parts.append(buffer[:take])
+                self._buffer = buffer[take:]
+                budget -= take
+            if full or budget == 0 or self._generated >= happened:
+                break
+            self._buffer = np.concatenate([self._buffer, self._generate_chunk()])
+        block = np.concatenate(parts) if parts else np.zeros(0, dtype=HIT_DTYPE)
+        return encode_block(np.ascontiguousarray(block).tobytes())
+
+    def _generate_chunk(self) -> NDArray[Any]:
+        assert self.last_state is not None
+        n = min(self.events_per_chunk, self._n_triggers - self._generated)
+        t = time.perf_counter()
+        hits = self._masked(self.model.generate(n, self.last_state))
+        hits["event"] += np.uint64(self._generated)
+        log.debug(
+            "%s: %d triggers -> %d hits in %.2f ms",
+            self.name,
+            n,
+            hits.size,
+            1e3 * (time.perf_counter() - t),
+        )
+        self._generated += n
+        return hits
 
 
 #: Data-plane queries the link answers itself.

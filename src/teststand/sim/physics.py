@@ -11,7 +11,7 @@ the same truth and the same hits.
 * :class:`HptdcModel`: diamond pads in planes read by an HPTDC (leading edge and time over
   threshold in 25 ns / 1024 bins, fixed thresholds).
 
-Every acquisition is computed on ``(n_triggers, n_channels)`` arrays at once; there is no Python
+Every acquisition is computed on ``(n_channels, n_triggers)`` arrays at once; there is no Python
 loop per trigger or per hit.
 
 Laser
@@ -35,7 +35,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.special import ndtr
 
-from teststand.core.hits import HIT_DTYPE
+from teststand.core.hits import CHANNEL_DTYPE, HIT_DTYPE
 
 __all__ = [
     "CHANNEL_DTYPE",
@@ -54,11 +54,6 @@ __all__ = [
     "hptdc_walk",
     "mean_photoelectrons",
 ]
-
-#: The run file's ``/channels`` compound (format version 1).
-CHANNEL_DTYPE = np.dtype(
-    [("channel", "<u2"), ("plane", "<i2"), ("bar", "<i2"), ("board", "<i2"), ("delay_ns", "<f4")]
-)
 
 #: HPTDC time bin: 25 ns / 1024 = 24.414 ps.
 HPTDC_BIN_NS = 25.0 / 1024.0
@@ -144,8 +139,9 @@ def awc_truth(n: ArrayLike, thr1: ArrayLike, thr2: ArrayLike) -> NDArray[np.floa
     return np.asarray(np.where(close, n_ * t1, awc), dtype=float)
 
 
-def hptdc_walk(tot_ns: ArrayLike, p0: ArrayLike, p1: ArrayLike, p2: ArrayLike,
-               p3: ArrayLike) -> NDArray[np.float64]:
+def hptdc_walk(
+    tot_ns: ArrayLike, p0: ArrayLike, p1: ArrayLike, p2: ArrayLike, p3: ArrayLike
+) -> NDArray[np.float64]:
     """PPS walk function ``f(ToT) = p0 / (exp((ToT - p1) / p2) + 1) + p3`` (all in ns)."""
     arg = (np.asarray(tot_ns, dtype=float) - p1) / p2
     with np.errstate(over="ignore"):
@@ -195,8 +191,9 @@ def demo_tofhir_channels(n_bars: int = 16, bars_per_board: int = 8) -> NDArray[A
     return channels
 
 
-def demo_hptdc_channels(n_planes: int = 4, n_pads: int = 4, planes_per_board: int = 2
-                        ) -> NDArray[Any]:
+def demo_hptdc_channels(
+    n_planes: int = 4, n_pads: int = 4, planes_per_board: int = 2
+) -> NDArray[Any]:
     """A PPS-style bench channel table: ``n_planes`` planes of ``n_pads`` diamond pads each."""
     n = n_planes * n_pads
     channels = np.zeros(n, dtype=CHANNEL_DTYPE)
@@ -212,8 +209,7 @@ def demo_hptdc_channels(n_planes: int = 4, n_pads: int = 4, planes_per_board: in
 class _LaserModel:
     """Shared parts: channel table, laser, offsets, lit channels, hit assembly."""
 
-    def __init__(self, channels: NDArray[Any], seed: int,
-                 gate_ns: tuple[float, float]) -> None:
+    def __init__(self, channels: NDArray[Any], seed: int, gate_ns: tuple[float, float]) -> None:
         table = np.asarray(channels)
         missing = {"channel", "bar", "board", "delay_ns"} - set(table.dtype.names or ())
         if missing:
@@ -255,8 +251,10 @@ class _LaserModel:
         self.delay_ns = self.channels["delay_ns"].astype(float)
         self.board_delay_ns = self.board_slope_ns * self.channels["board"].astype(float)
         self.offset_ns = self.t0_ns + self.delay_ns + self.board_delay_ns
-        self.laser = LaserTruth(intensity_jitter=float(rng.uniform(0.01, 0.05)),
-                                time_jitter_ns=float(rng.uniform(0.005, 0.020)))
+        self.laser = LaserTruth(
+            intensity_jitter=float(rng.uniform(0.01, 0.05)),
+            time_jitter_ns=float(rng.uniform(0.005, 0.020)),
+        )
 
     def truth_attrs(self) -> dict[str, float]:
         """Stand-wide truth (for attributes of the run file's ``/truth``)."""
@@ -280,8 +278,9 @@ class _LaserModel:
             return np.ones(self.n_channels, dtype=bool)
         return np.asarray(self._bar == k - 1)
 
-    def _pulses(self, rng: np.random.Generator, n: int, state: AcquisitionState, n_lit: int
-                ) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+    def _pulses(
+        self, rng: np.random.Generator, n: int, state: AcquisitionState, n_lit: int
+    ) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
         """Common laser time jitter per pulse (n,) and photoelectrons (n_lit, n)."""
         scale = 1.0 + self.laser.intensity_jitter * rng.standard_normal(n)
         dt = self.laser.time_jitter_ns * rng.standard_normal(n)
@@ -289,16 +288,20 @@ class _LaserModel:
         npe = rng.poisson(lam, size=(n_lit, n))
         return dt, npe
 
-    def _noise_times(self, u: NDArray[np.float64], p: NDArray[np.float64]
-                     ) -> NDArray[np.float64]:
+    def _noise_times(self, u: NDArray[np.float64], p: NDArray[np.float64]) -> NDArray[np.float64]:
         # Given u < p, u / p is uniform in [0, 1): the same draw decides and places a noise hit.
         g0, g1 = self.gate_ns
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
             return g0 + (g1 - g0) * (u / p)
 
-    def _assemble(self, hit: NDArray[np.bool_], t1: NDArray[np.float64],
-                  t2: NDArray[np.float64] | None, q: NDArray[np.float64] | None,
-                  tot: NDArray[np.float64] | None) -> tuple[NDArray[Any], NDArray[np.intp]]:
+    def _assemble(
+        self,
+        hit: NDArray[np.bool_],
+        t1: NDArray[np.float64],
+        t2: NDArray[np.float64] | None,
+        q: NDArray[np.float64] | None,
+        tot: NDArray[np.float64] | None,
+    ) -> tuple[NDArray[Any], NDArray[np.intp]]:
         """Hits of the (C, n) arrays, sorted by event then channel; also their channel rows."""
         # Arrays are (channel, trigger) so that the per-channel parameters broadcast over long
         # contiguous rows; nonzero on the transposed view walks events first.
@@ -344,8 +347,15 @@ class TofhirModel(_LaserModel):
     counts/uA (600 pe stays below 1023), charge resolution 2-4 %.
     """
 
-    def __init__(self, channels: NDArray[Any], seed: int, *, non_scaling: bool = False,
-                 lsb_uA: float = 0.3125, gate_ns: tuple[float, float] = (-10.0, 90.0)) -> None:
+    def __init__(
+        self,
+        channels: NDArray[Any],
+        seed: int,
+        *,
+        non_scaling: bool = False,
+        lsb_uA: float = 0.3125,
+        gate_ns: tuple[float, float] = (-10.0, 90.0),
+    ) -> None:
         super().__init__(channels, seed, gate_ns)
         if not lsb_uA > 0:
             raise ValueError(f"lsb_uA must be positive, got {lsb_uA}")
@@ -371,8 +381,16 @@ class TofhirModel(_LaserModel):
         """Noise sigma of every channel in DAC codes."""
         return np.asarray(self.noise_uA / self.lsb_uA)
 
-    def truth(self, thr1_uA: float = THR1_OP_UA, thr2_uA: float = THR2_OP_UA) -> NDArray[Any]:
-        """True parameters, one row per channel (sorted by channel); ``awc`` at (thr1, thr2)."""
+    def truth(
+        self, thr1_uA: ArrayLike = THR1_OP_UA, thr2_uA: ArrayLike = THR2_OP_UA
+    ) -> NDArray[Any]:
+        """True parameters, one row per channel (sorted by channel).
+
+        ``awc`` is the AWC at the operating thresholds ``thr1_uA``, ``thr2_uA`` (uA above
+        baseline; floats, or one value per row, e.g. the realised thresholds of integer codes:
+        :meth:`threshold_uA`). The field names and units are those of
+        :data:`TOFHIR_TRUTH_DTYPE`.
+        """
         t = np.zeros(self.n_channels, dtype=TOFHIR_TRUTH_DTYPE)
         t["channel"] = self._number
         t["gain_uA_per_pe"] = self.gain
@@ -416,8 +434,9 @@ class TofhirModel(_LaserModel):
         n = self.n[rows] * (1.0 + self.n_slope[rows] * np.log(a / NON_SCALING_REF_UA))
         return np.asarray(np.maximum(n, 1.05))
 
-    def noiseless_crossing_time(self, rows: ArrayLike, amplitude_uA: ArrayLike,
-                                thr_uA: ArrayLike) -> NDArray[np.float64]:
+    def noiseless_crossing_time(
+        self, rows: ArrayLike, amplitude_uA: ArrayLike, thr_uA: ArrayLike
+    ) -> NDArray[np.float64]:
         """Crossing time (ns) of a noiseless, jitter-free pulse: offset + tau (thr/A)**(1/n(A)).
 
         ``rows`` are channel row indices (see :meth:`index_of`); arguments broadcast. NaN where
@@ -432,9 +451,13 @@ class TofhirModel(_LaserModel):
         return np.asarray(np.where((thr > 0) & (thr <= a), t, np.nan))
 
     @staticmethod
-    def _edge(inv_a: NDArray[np.float64], thr: NDArray[np.float64], n: NDArray[np.float64],
-              tau: NDArray[np.float64], sig: NDArray[np.float64]
-              ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    def _edge(
+        inv_a: NDArray[np.float64],
+        thr: NDArray[np.float64],
+        n: NDArray[np.float64],
+        tau: NDArray[np.float64],
+        sig: NDArray[np.float64],
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         """Noiseless crossing delay after t0 and the jitter per unit z (sigma_I / slope).
 
         ``inv_a`` is 1/A, (L, n); ``thr``, ``tau`` and ``sig`` are (L, 1) columns; ``n`` is (L, 1)
@@ -453,8 +476,9 @@ class TofhirModel(_LaserModel):
             delay = tau * np.minimum(np.maximum(thr, 0.0) * inv_a, 1.0) ** inv_n
         return delay, jitter
 
-    def generate(self, n_triggers: int, state: AcquisitionState,
-                 rng: np.random.Generator | None = None) -> NDArray[Any]:
+    def generate(
+        self, n_triggers: int, state: AcquisitionState, rng: np.random.Generator | None = None
+    ) -> NDArray[Any]:
         """One acquisition of ``n_triggers`` laser pulses or random gates (HIT_DTYPE).
 
         Event numbers run 0..n_triggers-1; hits are sorted by event, then channel. ``rng``
@@ -487,10 +511,19 @@ class TofhirModel(_LaserModel):
             hits["q"][noise_q] = np.round(self.q_per_uA[r] * self.noise_uA[r] * z)
         return hits
 
-    def _pulse_hits(self, rng: np.random.Generator, n: int, state: AcquisitionState,
-                    lit: NDArray[np.intp], thr1: NDArray[np.float64], thr2: NDArray[np.float64],
-                    hit: NDArray[np.bool_], t1: NDArray[np.float64], t2: NDArray[np.float64],
-                    q: NDArray[np.float64]) -> None:
+    def _pulse_hits(
+        self,
+        rng: np.random.Generator,
+        n: int,
+        state: AcquisitionState,
+        lit: NDArray[np.intp],
+        thr1: NDArray[np.float64],
+        thr2: NDArray[np.float64],
+        hit: NDArray[np.bool_],
+        t1: NDArray[np.float64],
+        t2: NDArray[np.float64],
+        q: NDArray[np.float64],
+    ) -> None:
         """Fill the lit rows of the (C, n) hit, t1, t2 and q arrays in place."""
         dt, npe = self._pulses(rng, n, state, lit.size)
         col = (slice(None), None)
@@ -561,8 +594,14 @@ class HptdcModel(_LaserModel):
     modelled (at ~1e-4 per gate it is negligible next to the pulse).
     """
 
-    def __init__(self, channels: NDArray[Any], seed: int, *,
-                 noise_prob: float = 2e-4, gate_ns: tuple[float, float] = (-10.0, 90.0)) -> None:
+    def __init__(
+        self,
+        channels: NDArray[Any],
+        seed: int,
+        *,
+        noise_prob: float = 2e-4,
+        gate_ns: tuple[float, float] = (-10.0, 90.0),
+    ) -> None:
         super().__init__(channels, seed, gate_ns)
         if not 0.0 <= noise_prob <= 1.0:
             raise ValueError(f"noise_prob must be in [0, 1], got {noise_prob}")
@@ -599,7 +638,7 @@ class HptdcModel(_LaserModel):
         return t
 
     def true_tot(self, rows: ArrayLike, npe: ArrayLike) -> NDArray[np.float64]:
-        """True ToT (ns) of channel rows ``rows`` for ``npe`` photoelectrons; NaN below threshold."""
+        """True ToT (ns) of channel rows ``rows`` at ``npe`` photoelectrons; NaN below threshold."""
         rows = np.asarray(rows)
         a = np.asarray(npe, dtype=float) * self.gain[rows]
         with np.errstate(divide="ignore"):
@@ -611,8 +650,9 @@ class HptdcModel(_LaserModel):
         rows = np.asarray(rows)
         return hptdc_walk(tot_ns, self.p0[rows], self.p1[rows], self.p2[rows], self.p3[rows])
 
-    def generate(self, n_triggers: int, state: AcquisitionState,
-                 rng: np.random.Generator | None = None) -> NDArray[Any]:
+    def generate(
+        self, n_triggers: int, state: AcquisitionState, rng: np.random.Generator | None = None
+    ) -> NDArray[Any]:
         """One acquisition of ``n_triggers`` laser pulses or random gates (HIT_DTYPE).
 
         Event numbers run 0..n_triggers-1; hits are sorted by event, then channel. The state's

@@ -4,9 +4,9 @@
 h5py; :class:`RunFile` adds validation, step bookkeeping and column-wise reads on top.
 """
 
+from ..core.hits import CHANNEL_DTYPE
 from ._reader import RunFile, write_analysis
 from ._schema import (
-    CHANNEL_DTYPE,
     FORMAT_NAME,
     FORMAT_VERSION,
     HITS_CHUNK_ROWS,

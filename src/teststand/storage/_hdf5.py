@@ -252,7 +252,7 @@ def storable_table(table: object, what: str) -> np.ndarray:
     fields: list[tuple[Any, ...]] = []
     converted = False
     for name in array.dtype.names:
-        dt = array.dtype.fields[name][0]
+        dt = array.dtype[name]
         if dt.hasobject:
             raise ValueError(f"{what}: field {name!r} holds Python objects; HDF5 cannot store it")
         if dt.kind == "U" and dt.shape == ():
@@ -281,16 +281,13 @@ def readable_table(array: np.ndarray) -> np.ndarray:
     text = [
         n
         for n in names
-        if array.dtype.fields[n][0].kind == "S"
-        and (info := h5py.check_string_dtype(array.dtype.fields[n][0])) is not None
+        if array.dtype[n].kind == "S"
+        and (info := h5py.check_string_dtype(array.dtype[n])) is not None
         and info.encoding == "utf-8"
     ]
     if not text:
         return array
-    fields = [
-        (n, f"<U{array.dtype.fields[n][0].itemsize}" if n in text else array.dtype.fields[n][0])
-        for n in names
-    ]
+    fields = [(n, f"<U{array.dtype[n].itemsize}" if n in text else array.dtype[n]) for n in names]
     out = np.empty(array.shape, dtype=np.dtype(fields))
     for n in names:
         out[n] = np.char.decode(array[n], "utf-8") if n in text else array[n]

@@ -25,10 +25,6 @@ RUN_STATUSES: Final = ("running", "completed", "aborted", "failed", "interrupted
 #: Statuses a ``stop`` document may carry (every status but ``running``).
 STOP_STATUSES: Final = RUN_STATUSES[1:]
 
-#: ``/channels``: one row per readout channel.
-CHANNEL_DTYPE: Final = np.dtype(
-    [("channel", "<u2"), ("plane", "<i2"), ("bar", "<i2"), ("board", "<i2"), ("delay_ns", "<f4")]
-)
 
 #: The ``/steps`` fields that are not scan axes, in file order: ``index`` first, the axes, then
 #: the rest. An axis may not take one of these names.
@@ -100,6 +96,5 @@ def axes_of(dtype: np.dtype) -> list[str]:
 
 def hits_dtype_ok(dtype: np.dtype) -> bool:
     """Whether ``dtype`` (as read from a file) is the ``/hits`` compound."""
-    return dtype.names == HIT_DTYPE.names and all(
-        dtype.fields[n][0] == HIT_DTYPE.fields[n][0] for n in HIT_DTYPE.names
-    )
+    names = HIT_DTYPE.names or ()
+    return dtype.names == names and all(dtype[n] == HIT_DTYPE[n] for n in names)

@@ -13,7 +13,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..core.hits import HIT_DTYPE
+from ..core.hits import CHANNEL_DTYPE, HIT_DTYPE
 from ..errors import RunFileError
 from ._hdf5 import (
     ACTIVE_WRITERS,
@@ -25,7 +25,6 @@ from ._hdf5 import (
 )
 from ._reader import RunFile, readers_released
 from ._schema import (
-    CHANNEL_DTYPE,
     FORMAT_NAME,
     FORMAT_VERSION,
     HITS_CHUNK_ROWS,
@@ -37,7 +36,8 @@ from ._schema import (
 
 log = logging.getLogger(__name__)
 
-#: Keys a ``start`` document must carry (``truth``, ``n_steps`` and ``seed`` may be absent).
+#: Keys a ``start`` document must carry (``truth``, ``truth_attrs``, ``n_steps`` and ``seed`` may
+#: be absent or ``None``).
 START_KEYS = (
     "run_id",
     "recipe_name",
@@ -166,9 +166,7 @@ class RunWriter:
 
     # -- resume --------------------------------------------------------------------------------
     @classmethod
-    def reopen(
-        cls, path: str | os.PathLike[str], *, flush_interval_s: float = 1.0
-    ) -> RunWriter:
+    def reopen(cls, path: str | os.PathLike[str], *, flush_interval_s: float = 1.0) -> RunWriter:
         """Reopen an interrupted run file to append more steps (for ``teststand resume``).
 
         Clears the "open for write" mark a dead writer leaves in the superblock, cuts ``/hits``
@@ -264,7 +262,9 @@ class RunWriter:
                     sub.attrs[key] = value
             f.create_dataset("channels", data=channels)
             if truth is not None:
-                f.create_dataset("truth", data=truth)
+                truth_ds = f.create_dataset("truth", data=truth)
+                for key, value in dict(doc.get("truth_attrs") or {}).items():
+                    truth_ds.attrs[str(key)] = attr_value(value)
             steps = f.create_dataset(
                 "steps", shape=(0,), maxshape=(None,), chunks=(STEPS_CHUNK_ROWS,), dtype=step_dtype
             )
@@ -292,7 +292,11 @@ class RunWriter:
             # The engine retries a step (same index) or dropped one: its hits so far go.
             log.warning(
                 "%s: step %d started while step %d was in flight; dropping the %d hits of step %d",
-                self.path, index, self._step_index, self._step_rows, self._step_index,
+                self.path,
+                index,
+                self._step_index,
+                self._step_rows,
+                self._step_index,
             )
             self._discard_step_in_flight()
         self._open_step(index, doc.get("axes") or {})
@@ -344,7 +348,10 @@ class RunWriter:
         if "n_hits" in doc and int(doc["n_hits"]) != n_hits:
             log.warning(
                 "%s: step %d: the step document counts %d hits, the writer received %d",
-                self.path, index, int(doc["n_hits"]), n_hits,
+                self.path,
+                index,
+                int(doc["n_hits"]),
+                n_hits,
             )
         row = np.zeros((), dtype=self._steps_dtype)
         row["index"] = index
@@ -370,17 +377,26 @@ class RunWriter:
         status = str(doc.get("status", ""))
         if status not in STOP_STATUSES:
             raise ValueError(
-                f"{self.path}: stop status must be one of {', '.join(STOP_STATUSES)}, got {status!r}"
+                f"{self.path}: stop status must be one of {', '.join(STOP_STATUSES)}, "
+                f"got {status!r}"
             )
         if self._step_index is not None:
             log.info(
                 "%s: run stopped during step %d; its %d hits are not recorded",
-                self.path, self._step_index, self._step_rows,
+                self.path,
+                self._step_index,
+                self._step_rows,
             )
         self._discard_step_in_flight()
         self._finish(status, str(doc.get("finished_utc") or utc_now()), str(doc.get("reason", "")))
-        log.info("%s: run %s %s, %d steps, %d hits", self.path, self._run_id, status,
-                 self._n_steps, self._hits_done)
+        log.info(
+            "%s: run %s %s, %d steps, %d hits",
+            self.path,
+            self._run_id,
+            status,
+            self._n_steps,
+            self._hits_done,
+        )
 
     # -- internals -----------------------------------------------------------------------------
     @property
