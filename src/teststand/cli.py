@@ -94,6 +94,7 @@ class Progress:
         self.t0 = time.monotonic()
         self._last = 0.0
         self._last_decile = -1
+        self._shown = -1
 
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
         if name == "start":
@@ -103,7 +104,10 @@ class Progress:
             self.done += 1
             self._show()
         elif name == "stop":
-            self._show(final=True)
+            if self._shown != self.done:
+                self._show(final=True)
+            elif self.tty:
+                self.stream.write("\n")
 
     def _show(self, *, final: bool = False) -> None:
         now = time.monotonic()
@@ -118,7 +122,7 @@ class Progress:
             return
         if not self.tty and not final and decile == self._last_decile:
             return
-        self._last, self._last_decile = now, decile
+        self._last, self._last_decile, self._shown = now, decile, self.done
         elapsed = now - self.t0
         eta = elapsed / fraction - elapsed if fraction > 0 else float("nan")
         bar = "#" * int(30 * fraction) + "-" * (30 - int(30 * fraction))
