@@ -60,7 +60,8 @@ def test_awc_calibration_file_is_valid_v1(tmp_path):
     outcome = run_recipe(recipe, "sim", tmp_path, seed=3)
     assert outcome.result.status == "completed"
     params = load_recipe(recipe).params
-    thr2 = params.thr2_uA.values()
+    # T2 is set a whole number of DAC steps (0.3125 uA) from T1: /steps holds the gap set
+    thr2 = [6.0 + round((t - 6.0) / 0.3125) * 0.3125 for t in params.thr2_uA.values()]
     n_noise = len(params.baseline_scan.values())
     with h5py.File(outcome.run_path, "r") as f:
         attrs = dict(f.attrs)

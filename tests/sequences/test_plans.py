@@ -76,17 +76,21 @@ def test_awc_plan_with_given_baselines(tofhir):
     assert len(steps) == 2 * 3 * 23
     assert msgs[0].kwargs["n_steps"] == 2 * 3 * 23
     assert {s["bar"] for s in steps} == {0.0, 5.0}
-    assert sorted({s["thr2"] for s in steps}) == pytest.approx(thr2)
+    # T2 sits a whole number of DAC steps from T1: /steps records the gap actually set
+    realised = [6.0 + round((t - 6.0) / 0.3125) * 0.3125 for t in thr2]
+    assert sorted({s["thr2"] for s in steps}) == pytest.approx(sorted(set(realised)))
     assert {s["thr1"] for s in steps} == {6.0}
     # bar 5 is lit through fibre 6 and only its two channels (5 and 21) get thresholds
     assert any(m.command == "set" and m.args == ("fibre_channel", 6) for m in msgs)
     t2 = [m.args[2] for m in msgs if m.command == "call" and m.args[:2] == ("set_codes", "t2")]
     lit = [c for c in t2 if np.any(c < 63)]
     assert all(set(np.flatnonzero(c < 63)) in ({0, 16}, {5, 21}) for c in lit)
-    # thresholds in uA above baseline: code = baseline + thr / lsb, rounded
+    # thr1 in uA above baseline: code = baseline + thr / lsb, rounded; T2 relative to T1
+    t1 = next(m.args[2] for m in msgs if m.command == "call" and m.args[:2] == ("set_codes", "t1"))
+    assert t1[0] == round(baselines[0] + 6.0 / 0.3125)
+    assert t1[16] == round(baselines[16] + 6.0 / 0.3125)
     first = lit[0]
-    assert first[0] == round(baselines[0] + 3.0 / 0.3125)
-    assert first[16] == round(baselines[16] + 3.0 / 0.3125)
+    assert first[0] - t1[0] == first[16] - t1[16] == round((3.0 - 6.0) / 0.3125)
 
 
 def test_awc_plan_measures_baselines_first(tofhir):
@@ -141,5 +145,5 @@ def test_shipped_awc_recipe_matches_the_issue():
     p = load_recipe("awc-calibration").params
     assert len(p.intensities_pct) == 6
     thr2 = p.thr2_uA.values()
-    assert len(thr2) == 23 and thr2[0] == 3.0 and 9.6 < thr2[-1] <= 10.0
+    assert len(thr2) == 23 and thr2[0] == 3.125 and thr2[-1] == 10.0
     assert p.n_pulses == 500 and p.thr1_uA == 6.0 and p.bars == "all"

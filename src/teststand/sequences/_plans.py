@@ -152,6 +152,89 @@ def noise_counts(hits: np.ndarray, n_channels: int) -> np.ndarray:
     return np.bincount(channels, minlength=n_channels)
 
 
+def _codes_for(
+    stand: StandInfo, baselines: np.ndarray, channels: np.ndarray, thr_uA: float
+) -> np.ndarray:
+    """T1/T2 codes putting ``channels`` at ``thr_uA`` above baseline; the others stop triggering."""
+    assert stand.max_code is not None and stand.lsb_uA is not None
+    codes = np.full(stand.n_channels, stand.max_code, dtype=np.int64)
+    wanted = np.rint(baselines[channels] + thr_uA / stand.lsb_uA).astype(np.int64)
+    outside = (wanted < 0) | (wanted > stand.max_code)
+    if np.any(outside):
+        raise ValueError(
+            f"threshold {thr_uA:g} uA is outside the DAC range for channels "
+            f"{channels[outside].tolist()}"
+        )
+    codes[channels] = wanted
+    return codes
+
+
+def _codes_at_gap(
+    stand: StandInfo, t1_codes: np.ndarray, channels: np.ndarray, gap_uA: float
+) -> tuple[np.ndarray, float]:
+    """T2 codes a whole number of DAC steps from the T1 codes of ``channels``.
+
+    Setting T2 relative to T1 makes the gap thr2 - thr1 the same on every channel, exactly
+    ``round(gap / lsb) * lsb``, whatever each channel's baseline: the slope S = gap / (t2 - t1)
+    then means the same thing in the calibration and in operation. Returns the codes and the gap
+    actually set (uA), which the plan records as ``thr2 - thr1``.
+    """
+    assert stand.max_code is not None and stand.lsb_uA is not None
+    steps = int(np.rint(gap_uA / stand.lsb_uA))
+    codes = np.full(stand.n_channels, stand.max_code, dtype=np.int64)
+    wanted = t1_codes[channels] + steps
+    outside = (wanted < 0) | (wanted > stand.max_code)
+    if np.any(outside):
+        raise ValueError(
+            f"threshold gap {gap_uA:g} uA is outside the DAC range for channels "
+            f"{channels[outside].tolist()}"
+        )
+    codes[channels] = wanted
+    return codes, steps * stand.lsb_uA
+
+
+def _baselines(
+    stand: StandInfo,
+    baseline_codes: Sequence[float] | None,
+    scan_codes: Sequence[int],
+    n_triggers: int,
+    extra_axes: dict[str, float],
+) -> Iterator[Msg]:
+    """Every channel's baseline in DAC codes: given, or measured by a noise scan (laser off).
+
+    The noise-scan steps are recorded with ``laser = 0`` and ``thr_code``; ``extra_axes`` gives
+    the values (NaN) of the plan's other axes. Leaves T2 and E at the code that stops triggering.
+    """
+    from ..analysis.scurve import fit_scurves
+
+    assert stand.max_code is not None
+    n = stand.n_channels
+    off_codes = np.full(n, stand.max_code, dtype=np.int64)
+    yield call(DAC, "set_codes", "t2", off_codes)
+    yield call(DAC, "set_codes", "e", off_codes)
+    if baseline_codes is not None:
+        baselines = np.asarray(baseline_codes, dtype=float)
+    else:
+        scan = np.asarray(scan_codes, dtype=np.int64)
+        counts = np.zeros((n, scan.size), dtype=np.int64)
+        yield set_(LASER, "output_enabled", False)
+        for k, code in enumerate(scan):
+            yield call(DAC, "set_codes", "t1", np.full(n, int(code), dtype=np.int64))
+            yield open_step(laser=0.0, thr_code=float(code), **extra_axes)
+            hits = yield acquire(READOUT, n_triggers, return_hits=True)
+            counts[:, k] = noise_counts(hits if hits is not None else np.empty(0), n)
+            yield close_step()
+            yield checkpoint()
+        yield call(DAC, "set_codes", "t1", off_codes)
+        result = fit_scurves(scan.astype(float), np.full_like(counts, n_triggers), counts)
+        baselines = np.asarray(result["baseline_code"], dtype=float)
+        if np.any(~np.isfinite(baselines)):
+            bad = np.flatnonzero(~np.isfinite(baselines)).tolist()
+            raise RuntimeError(f"no baseline could be measured for channels {bad}")
+    yield log("baselines (DAC codes): " + ", ".join(f"{b:.2f}" for b in baselines))
+    return baselines
+
+
 def awc_calibration(
     stand: StandInfo,
     *,
@@ -179,72 +262,35 @@ def awc_calibration(
     """
     _require(stand, "tofhir", "awc_calibration")
     assert stand.max_code is not None and stand.lsb_uA is not None
-    n = stand.n_channels
-    lsb = stand.lsb_uA
-    max_code = stand.max_code
-    off_codes = np.full(n, max_code, dtype=np.int64)
+    off_codes = np.full(stand.n_channels, stand.max_code, dtype=np.int64)
     n_main = len(bars) * len(intensities_pct) * len(thr2_uA)
     n_noise = 0 if baseline_codes is not None else len(baseline_scan_codes)
     nan = float("nan")
-
-    def codes_for(baselines: np.ndarray, channels: np.ndarray, thr_uA: float) -> np.ndarray:
-        codes = off_codes.copy()
-        wanted = np.rint(baselines[channels] + thr_uA / lsb).astype(np.int64)
-        if np.any((wanted < 0) | (wanted > max_code)):
-            raise ValueError(
-                f"threshold {thr_uA:g} uA is outside the DAC range for channels "
-                f"{channels[(wanted < 0) | (wanted > max_code)].tolist()}"
-            )
-        codes[channels] = wanted
-        return codes
-
-    def measure_baselines() -> Iterator[Msg]:
-        from ..analysis.scurve import fit_scurves
-
-        scan = np.asarray(baseline_scan_codes, dtype=np.int64)
-        counts = np.zeros((n, scan.size), dtype=np.int64)
-        yield set_(LASER, "output_enabled", False)
-        for k, code in enumerate(scan):
-            yield call(DAC, "set_codes", "t1", np.full(n, int(code), dtype=np.int64))
-            yield open_step(
-                laser=0.0, thr_code=float(code), bar=nan, intensity=nan, thr1=nan, thr2=nan
-            )
-            hits = yield acquire(READOUT, baseline_scan_triggers, return_hits=True)
-            counts[:, k] = noise_counts(hits if hits is not None else np.empty(0), n)
-            yield close_step()
-            yield checkpoint()
-        triggers = np.full_like(counts, baseline_scan_triggers)
-        result = fit_scurves(scan.astype(float), triggers, counts)
-        return np.asarray(result["baseline_code"], dtype=float)
+    extra_axes = {"bar": nan, "intensity": nan, "thr1": nan, "thr2": nan}
 
     def body() -> Plan:
         yield open_run(["laser", "thr_code", "bar", "intensity", "thr1", "thr2"], n_noise + n_main)
-        yield call(DAC, "set_codes", "t2", off_codes)
-        yield call(DAC, "set_codes", "e", off_codes)
-        if baseline_codes is None:
-            baselines = yield from measure_baselines()
-            if np.any(~np.isfinite(baselines)):
-                bad = np.flatnonzero(~np.isfinite(baselines)).tolist()
-                raise RuntimeError(f"no baseline could be measured for channels {bad}")
-        else:
-            baselines = np.asarray(baseline_codes, dtype=float)
-        yield log("baselines (DAC codes): " + ", ".join(f"{b:.2f}" for b in baselines))
+        baselines = yield from _baselines(
+            stand, baseline_codes, baseline_scan_codes, baseline_scan_triggers, extra_axes
+        )
         for bar in bars:
             lit = stand.channels_of_bar(int(bar))
-            yield call(DAC, "set_codes", "t1", codes_for(baselines, lit, thr1_uA))
+            t1_codes = _codes_for(stand, baselines, lit, thr1_uA)
+            yield call(DAC, "set_codes", "t1", t1_codes)
             yield set_(LASER, "fibre_channel", int(bar) + 1)
             for intensity in intensities_pct:
                 yield set_(LASER, "intensity", float(intensity))
                 yield set_(LASER, "output_enabled", True)
                 for thr2 in thr2_uA:
-                    yield call(DAC, "set_codes", "t2", codes_for(baselines, lit, thr2))
+                    t2_codes, thr2_set = _codes_at_gap(stand, t1_codes, lit, thr2 - thr1_uA)
+                    yield call(DAC, "set_codes", "t2", t2_codes)
                     yield open_step(
                         laser=1.0,
                         thr_code=nan,
                         bar=float(bar),
                         intensity=float(intensity),
                         thr1=float(thr1_uA),
-                        thr2=float(thr2),
+                        thr2=float(thr1_uA + thr2_set),
                     )
                     yield acquire(READOUT, n_pulses)
                     yield close_step()
@@ -252,6 +298,65 @@ def awc_calibration(
             yield set_(LASER, "output_enabled", False)
             yield call(DAC, "set_codes", "t1", off_codes)
             yield call(DAC, "set_codes", "t2", off_codes)
+
+    return finalize_wrapper(body(), _stand_cleanup(stand))
+
+
+def operating_point_scan(
+    stand: StandInfo,
+    *,
+    intensities_pct: Sequence[float],
+    thr1_uA: float,
+    thr2_uA: float,
+    n_pulses: int,
+    fibre_channel: int = 0,
+    baseline_codes: Sequence[float] | None = None,
+    baseline_scan_codes: Sequence[int] = tuple(range(64)),
+    baseline_scan_triggers: int = 400,
+) -> Plan:
+    """Every channel at the operating thresholds, a laser intensity scan (all bars lit).
+
+    The data of ``awc-validation`` (the walk left after correction, judged over spread
+    amplitudes) and of ``timing-alignment`` (channel offsets against a reference channel).
+    Baselines as in :func:`awc_calibration`.
+
+    Axes: ``laser``, ``thr_code`` (the noise scan), ``intensity`` (tune, %), ``thr1``, ``thr2``.
+    """
+    _require(stand, "tofhir", "operating_point_scan")
+    n_noise = 0 if baseline_codes is not None else len(baseline_scan_codes)
+    nan = float("nan")
+    every = np.asarray(stand.channels["channel"], dtype=np.int64)
+
+    def body() -> Plan:
+        yield open_run(
+            ["laser", "thr_code", "intensity", "thr1", "thr2"], n_noise + len(intensities_pct)
+        )
+        baselines = yield from _baselines(
+            stand,
+            baseline_codes,
+            baseline_scan_codes,
+            baseline_scan_triggers,
+            {"intensity": nan, "thr1": nan, "thr2": nan},
+        )
+        t1_codes = _codes_for(stand, baselines, every, thr1_uA)
+        t2_codes, gap = _codes_at_gap(stand, t1_codes, every, thr2_uA - thr1_uA)
+        yield call(DAC, "set_codes", "t1", t1_codes)
+        yield call(DAC, "set_codes", "t2", t2_codes)
+        yield set_(LASER, "fibre_channel", fibre_channel)
+        for intensity in intensities_pct:
+            yield set_(LASER, "intensity", float(intensity))
+            yield set_(LASER, "output_enabled", True)
+            yield open_step(
+                laser=1.0,
+                thr_code=nan,
+                intensity=float(intensity),
+                thr1=float(thr1_uA),
+                thr2=float(thr1_uA + gap),
+            )
+            yield acquire(READOUT, n_pulses)
+            yield close_step()
+            yield checkpoint()
+        yield set_(LASER, "output_enabled", False)
 
     return finalize_wrapper(body(), _stand_cleanup(stand))
 

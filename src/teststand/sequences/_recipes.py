@@ -19,7 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..errors import RecipeError
 from ._messages import Plan
-from ._plans import StandInfo, awc_calibration, hptdc_timewalk, threshold_scan
+from ._plans import (
+    StandInfo,
+    awc_calibration,
+    hptdc_timewalk,
+    operating_point_scan,
+    threshold_scan,
+)
 
 
 class _Strict(BaseModel):
@@ -115,6 +121,43 @@ class AwcCalibrationParams(_Strict):
         return self
 
 
+class _OperatingPointParams(_Strict):
+    """Every channel at the operating thresholds, all bars lit, a laser intensity scan."""
+
+    intensities_pct: list[Percent] = Field(min_length=1, description="laser intensities (tune, %)")
+    thr1_uA: float = Field(default=6.0, gt=0, le=20, description="operating T1 threshold, uA")
+    thr2_uA: float = Field(default=10.0, gt=0, le=20, description="operating T2 threshold, uA")
+    n_pulses: int = Field(default=5000, ge=10, le=10_000_000, description="laser pulses per step")
+    fibre_channel: int = Field(default=0, ge=0, le=16, description="fibre switch (0 = all bars)")
+    baseline_codes: list[float] | None = Field(
+        default=None, description="per-channel baselines in DAC codes; measured at start if absent"
+    )
+    baseline_scan: IntRange = Field(
+        default=IntRange(start=0, stop=40), description="codes of the baseline noise scan"
+    )
+    baseline_triggers: int = Field(
+        default=400, ge=50, le=100_000, description="triggers per code of the baseline scan"
+    )
+
+
+class AwcValidationParams(_OperatingPointParams):
+    """Validation of AWC constants: operating thresholds, intensities spread over the range."""
+
+
+class TimingAlignmentParams(_OperatingPointParams):
+    """Channel offsets with the laser (TileCal method): operating thresholds, all bars lit."""
+
+
+class TimingResolutionParams(_Strict):
+    """Per-channel time resolution on the HPTDC bench: every pad column lit, fixed intensity."""
+
+    intensities_pct: list[Percent] = Field(
+        min_length=1, description="laser intensities (tune, %), one step each"
+    )
+    n_pulses: int = Field(default=20000, ge=10, le=10_000_000, description="pulses per step")
+    fibre_channel: int = Field(default=0, ge=0, le=16, description="fibre switch (0 = all pads)")
+
+
 class HptdcTimewalkParams(_Strict):
     """Laser intensity scan on the HPTDC bench (time walk versus ToT)."""
 
@@ -176,6 +219,31 @@ def _build_awc(stand: StandInfo, p: AwcCalibrationParams) -> Plan:
     )
 
 
+def _build_operating_point(stand: StandInfo, p: _OperatingPointParams) -> Plan:
+    if p.baseline_codes is not None and len(p.baseline_codes) != stand.n_channels:
+        raise RecipeError(
+            f"parameters.baseline_codes: expected {stand.n_channels} values (one per channel), "
+            f"got {len(p.baseline_codes)}"
+        )
+    return operating_point_scan(
+        stand,
+        intensities_pct=p.intensities_pct,
+        thr1_uA=p.thr1_uA,
+        thr2_uA=p.thr2_uA,
+        n_pulses=p.n_pulses,
+        fibre_channel=p.fibre_channel,
+        baseline_codes=p.baseline_codes,
+        baseline_scan_codes=p.baseline_scan.values(),
+        baseline_scan_triggers=p.baseline_triggers,
+    )
+
+
+def _build_timing_resolution(stand: StandInfo, p: TimingResolutionParams) -> Plan:
+    return hptdc_timewalk(
+        stand, intensities_pct=p.intensities_pct, n_pulses=p.n_pulses, fibre_channel=p.fibre_channel
+    )
+
+
 def _build_hptdc_timewalk(stand: StandInfo, p: HptdcTimewalkParams) -> Plan:
     return hptdc_timewalk(
         stand,
@@ -195,6 +263,23 @@ REGISTRY: dict[str, PlanEntry] = {
     ),
     "hptdc_timewalk": PlanEntry(
         HptdcTimewalkParams, _build_hptdc_timewalk, "hptdc", "timewalk", "HPTDC time walk vs ToT"
+    ),
+    "awc_validation": PlanEntry(
+        AwcValidationParams,
+        _build_operating_point,
+        "tofhir",
+        "awc_validation",
+        "residual walk after the AWC correction",
+    ),
+    "timing_alignment": PlanEntry(
+        TimingAlignmentParams, _build_operating_point, "tofhir", "offsets", "channel offsets"
+    ),
+    "timing_resolution": PlanEntry(
+        TimingResolutionParams,
+        _build_timing_resolution,
+        "hptdc",
+        "resolution",
+        "per-channel time resolution",
     ),
 }
 
