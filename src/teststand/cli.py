@@ -51,7 +51,15 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--seed", type=int, default=None, help="seed of the simulated stand")
     run.add_argument("--no-progress", action="store_true", help="no progress display")
-    run.add_argument("--no-analysis", action="store_true", help="do not analyse the run at its end")
+    run.add_argument(
+        "--no-analysis", action="store_true", help="no online analysis (the run is only recorded)"
+    )
+    run.add_argument(
+        "--constants",
+        default=None,
+        metavar="FILE",
+        help="constants file the run's analysis applies (awc-validation, timing-*)",
+    )
 
     analyze = sub.add_parser("analyze", help="analyse a run file and store the constants")
     analyze.add_argument("run_file", metavar="RUN.h5")
@@ -67,6 +75,15 @@ def _build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override a method parameter",
+    )
+    analyze.add_argument(
+        "--constants", default=None, metavar="FILE", help="constants file the method applies"
+    )
+    analyze.add_argument(
+        "--export", default=None, metavar="FILE", help="write the constants file (JSON, sha256)"
+    )
+    analyze.add_argument(
+        "--valid-until", default=None, metavar="ISO8601", help="end of the constants' validity"
     )
 
     selftest = sub.add_parser("selftest", help="check every instrument of a stand")
@@ -219,13 +236,19 @@ def _run_prepared(prepared: Any, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     subscribers = [] if args.no_progress else [Progress(label=sim_tag)]
+    online = None
+    if not args.no_analysis:
+        from .methods import OnlineAnalysis, load_constants_for, method_for
+
+        method = method_for(meta.kind, None)
+        online = OnlineAnalysis(constants=load_constants_for(method, args.constants))
     previous: dict[int, Any] = {}
 
     def on_engine(engine: Any, station: Any) -> None:
         previous.update(_install_signal_handlers(engine))
 
     try:
-        outcome = execute(prepared, subscribers=subscribers, on_engine=on_engine)
+        outcome = execute(prepared, subscribers=subscribers, on_engine=on_engine, online=online)
     finally:
         _restore_signal_handlers(previous)
     result = outcome.result
@@ -241,8 +264,10 @@ def _run_prepared(prepared: Any, args: argparse.Namespace) -> int:
     print(f"log file: {prepared.log_path}")
     if result.status != "completed":
         print(f"teststand: run {result.status}: {result.reason}", file=sys.stderr)
-    if result.n_steps and not args.no_analysis:
-        _print_summary(prepared.run_path)
+    if result.n_steps:
+        _print_summary(prepared.run_path, outcome.analysis)
+    if online is not None and online.error:
+        print(f"online analysis: not possible ({online.error})")
     return EXIT_OK if result.status == "completed" else EXIT_FAILED
 
 
@@ -267,75 +292,90 @@ def _restore_signal_handlers(previous: dict[int, Any]) -> None:
         signal.signal(sig, old)
 
 
-def _print_summary(run_path: Path) -> None:
-    """Per-channel summary: the default analysis where there is one, and hits per step."""
-    from .methods import DEFAULT_METHOD, METHODS, run_method
+def _print_summary(run_path: Path, analysis: Any = None) -> None:
+    """Per-channel summary: hits per channel and step, and the online analysis if there is one."""
     from .storage import RunFile
 
     with RunFile(run_path) as run:
         steps = run.steps
         n_channels = int(run.channels.size)
         cols = run.columns(("channel",))
-        per_channel = np.bincount(cols["channel"].astype(np.int64), minlength=n_channels)
-        active = steps["n_hits"] > 0
-        n_active = max(int(active.sum()), 1)
-        method = DEFAULT_METHOD.get(run.kind)
-        result = None
-        if method in METHODS:
-            try:
-                result = run_method(run, method, {})
-            except TeststandError as exc:
-                print(f"analysis {method}: not possible ({exc})")
+    per_channel = np.bincount(cols["channel"].astype(np.int64), minlength=n_channels)
+    n_active = max(int((steps["n_hits"] > 0).sum()), 1)
     print(f"\nsummary: {steps.size} steps, {int(steps['n_hits'].sum())} hits")
     headers = ["channel", "hits", "hits/step"]
     rows: list[list[Any]] = [
         [c, int(per_channel[c]), per_channel[c] / n_active] for c in range(n_channels)
     ]
-    if result is not None and result.method == "scurve":
-        table = result.table
-        headers += ["baseline_code", "noise_code", "flag"]
-        for r, row in zip(rows, table, strict=True):
-            r += [float(row["baseline_code"]), float(row["noise_code"]), str(row["flag"]) or "-"]
+    if analysis is not None:
+        keys = [
+            k
+            for k, v in (analysis.json_channels[0] if analysis.json_channels else {}).items()
+            if k not in ("channel", "flag") and not isinstance(v, list)
+        ]
+        headers += keys + ["flag"]
+        by_channel = {row["channel"]: row for row in analysis.json_channels}
+        for r in rows:
+            row = by_channel.get(r[0], {})
+            r += [_none_nan(row.get(k)) for k in keys] + [row.get("flag") or "-"]
+        print(f"analysis: {analysis.method} (online, stored as /analysis/{analysis.method})")
     print(_format_table(headers, rows))
 
 
+def _none_nan(value: Any) -> Any:
+    return float("nan") if value is None else value
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .methods import run_method
-    from .storage import RunFile, write_analysis
+    from .constants import export_constants
+    from .methods import load_constants_for, method_for, run_method
+    from .runner import write_method_result
+    from .storage import RunFile
 
     params = _parse_params(args.param)
     path = Path(args.run_file)
     with RunFile(path) as run:
-        result = run_method(run, args.method, params)
-    write_analysis(
-        path,
-        result.method,
-        result.table,
-        {
-            "method": result.method,
-            "parameters": json.dumps(result.parameters),
-            "software_version": __version__,
-        },
-    )
+        method = method_for(run.kind, args.method)
+        constants = load_constants_for(method, args.constants)
+        result = run_method(run, method, params, constants)
+        run_id, started = run.run_id, str(run.attrs.get("started_utc", ""))
+    write_method_result(path, result)
     doc = {"method": result.method, "run_file": str(path), "channels": result.json_channels}
     if args.json_out:
+        _write_text(args.json_out, json.dumps(doc, indent=2) + "\n", "--json")
+    if args.export:
         try:
-            Path(args.json_out).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+            export_constants(
+                args.export,
+                method=result.method,
+                table=result.table,
+                run_id=run_id,
+                run_file=str(path),
+                parameters=result.parameters,
+                attrs=result.attrs,
+                valid_from=started,
+                valid_until=args.valid_until,
+            )
         except OSError as exc:
-            raise UserInputError(f"--json {args.json_out}: cannot write ({exc.strerror})") from None
-    keys = [k for k in (result.json_channels[0] if result.json_channels else {}) if k != "channel"]
-    scalar = [k for k in keys if not isinstance(result.json_channels[0][k], list)]
-    print(f"{result.method} of {path}")
+            raise UserInputError(f"--export {args.export}: cannot write ({exc.strerror})") from None
+    rows = result.json_channels
+    keys = [k for k, v in (rows[0] if rows else {}).items() if not isinstance(v, list)]
+    keys = [k for k in keys if k not in ("channel", "flag")] + ["flag"]
+    print(f"{result.method} of {path} ({result.n_steps} steps)")
     print(
         _format_table(
-            ["channel", *scalar],
-            [
-                [row["channel"], *(row[k] if row[k] is not None else float("nan") for k in scalar)]
-                for row in result.json_channels
-            ],
+            ["channel", *keys],
+            [[row["channel"], *(_none_nan(row.get(k)) for k in keys)] for row in rows],
         )
     )
     return EXIT_OK
+
+
+def _write_text(path: str, text: str, option: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UserInputError(f"{option} {path}: cannot write ({exc.strerror})") from None
 
 
 def cmd_info(args: argparse.Namespace) -> int:

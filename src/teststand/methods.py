@@ -1,132 +1,222 @@
-"""Analysis methods applied to run files: the glue between storage and the pure analysis.
+"""Analysis methods applied to runs: one registry, fed offline from a file or online from a run.
 
-Each method reads the columns it needs from a :class:`~teststand.storage.RunFile`, calls the pure
-functions of :mod:`teststand.analysis` and returns a per-channel table, its attributes and the
-JSON rows of design section 6. The CLI's ``analyze`` and the run summary use the same functions,
-so what a technician sees at the end of a run is what ``teststand analyze`` writes.
+Each method is a :class:`~teststand.analysis.online.StepAccumulator`. Offline (``teststand
+analyze``), :func:`run_method` feeds it the completed steps of a run file in order; online,
+:class:`OnlineAnalysis` subscribes to the document stream and feeds it the same steps as they
+complete. Both reduce a step as a whole at its end, so the online result at the end of a run is
+the offline result on the finished file.
+
+Methods that apply constants from an earlier run (``awc_validation``, ``offsets``,
+``resolution``) take them as a ``constants`` table, read from a verified constants file.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .errors import AnalysisError, RunFileError, UserInputError
+from .analysis.online import StepAccumulator
+from .constants import Constants, load_constants
+from .errors import AnalysisError, UserInputError
 from .storage import RunFile
+
+log = logging.getLogger(__name__)
+
+#: method -> (module, accumulator class, method of the constants it applies or None)
+METHODS: dict[str, tuple[str, str, str | None]] = {
+    "scurve": ("teststand.analysis.scurve", "ScurveAccumulator", None),
+    "awc": ("teststand.analysis.walk", "AwcAccumulator", None),
+    "awc_validation": ("teststand.analysis.walk", "AwcValidationAccumulator", "awc"),
+    "offsets": ("teststand.analysis.offsets", "OffsetsAccumulator", "awc"),
+    "timewalk": ("teststand.analysis.timewalk", "TimewalkAccumulator", None),
+    "resolution": ("teststand.analysis.resolution", "ResolutionAccumulator", "timewalk"),
+}
+
+#: the default method for a run of each plan kind
+DEFAULT_METHOD: dict[str, str] = {
+    "threshold_scan": "scurve",
+    "awc_calibration": "awc",
+    "awc_validation": "awc_validation",
+    "timing_alignment": "offsets",
+    "hptdc_timewalk": "timewalk",
+    "timing_resolution": "resolution",
+}
 
 
 @dataclass
 class MethodResult:
-    """What an analysis method produced for one run file."""
+    """What an analysis method produced."""
 
     method: str
-    table: np.ndarray  # one row per channel, written to /analysis/<method>
+    table: np.ndarray  # one row per channel: /analysis/<method>
     parameters: dict[str, Any]
+    attrs: dict[str, Any]
     json_channels: list[dict[str, Any]]
+    n_steps: int = 0
+    constants: Constants | None = None
+
+    def analysis_attrs(self) -> dict[str, Any]:
+        """Attributes for ``/analysis/<method>``: the method's and where its inputs came from."""
+        attrs = {f"result_{k}": v for k, v in self.attrs.items()}
+        if self.constants is not None:
+            attrs["constants_run_id"] = self.constants.run_id
+            attrs["constants_sha256"] = str(self.constants.meta.get("sha256", ""))
+        return attrs
 
 
-def _json_value(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return [_json_value(v) for v in value.tolist()]
-    if isinstance(value, (np.floating, float)):
-        return None if not np.isfinite(value) else float(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, list):
-        return [_json_value(v) for v in value]
-    return value.item() if hasattr(value, "item") else value
-
-
-def _rows(table: np.ndarray, keys: Mapping[str, str]) -> list[dict[str, Any]]:
-    """JSON rows: ``keys`` maps a JSON key to a table field."""
-    rows = []
-    for row in table:
-        out: dict[str, Any] = {"channel": int(row["channel"])}
-        for key, field in keys.items():
-            out[key] = _json_value(row[field])
-        if "flag" in (table.dtype.names or ()):
-            out["flag"] = str(row["flag"])
-        rows.append(out)
-    return rows
-
-
-def _require_axes(run: RunFile, axes: tuple[str, ...], method: str) -> None:
-    missing = [a for a in axes if a not in run.axes]
-    if missing:
-        raise RunFileError(
-            f"{run.path}: method {method!r} needs the scan axes {list(axes)} in /steps, "
-            f"missing {missing} (run kind {run.kind!r})"
-        )
-
-
-def analyze_scurve(run: RunFile, params: Mapping[str, float]) -> MethodResult:
-    """Baseline and noise per channel from the laser-off steps of a threshold scan."""
-    from .analysis import fit_scurves, scurve_counts
-
-    _require_axes(run, ("thr_code",), "scurve")
-    steps = run.steps
-    use = np.isfinite(steps["thr_code"])
-    if "laser" in run.axes:
-        use &= steps["laser"] == 0
-    if not np.any(use):
-        raise AnalysisError(f"{run.path}: no laser-off threshold steps to fit S-curves on")
-    step_index = np.flatnonzero(use)
-    n_channels = int(run.channels.size)
-    cols = run.columns(("event", "channel"), steps=step_index)
-    # Map every hit to its position among the selected steps.
-    counts = scurve_counts(
-        cols["channel"],
-        cols["step"],
-        n_channels,
-        steps["thr_code"][step_index],
-        steps["n_triggers"][step_index],
-        hits_event=cols["event"],
-    )
-    table = fit_scurves(counts.codes, counts.n_triggers, counts.n_hits)
-    return MethodResult(
-        "scurve",
-        table,
-        dict(params),
-        _rows(table, {"baseline_code": "baseline_code", "noise_code": "noise_code"}),
-    )
-
-
-#: method name -> (function, default parameters)
-METHODS: dict[
-    str, tuple[Callable[[RunFile, Mapping[str, float]], MethodResult], dict[str, float]]
-] = {
-    "scurve": (analyze_scurve, {}),
-}
-
-#: the default method for a run of each plan kind
-DEFAULT_METHOD = {
-    "threshold_scan": "scurve",
-    "awc_calibration": "awc",
-    "hptdc_timewalk": "timewalk",
-}
-
-
-def run_method(run: RunFile, method: str | None, params: Mapping[str, float]) -> MethodResult:
-    """Apply ``method`` (or the default for the run's kind) to ``run``."""
-    name = method or DEFAULT_METHOD.get(run.kind)
+def method_for(kind: str, method: str | None) -> str:
+    """The method to apply: ``method`` if given, else the default for the run's ``kind``."""
+    name = method or DEFAULT_METHOD.get(kind)
     if name is None:
-        raise UserInputError(
-            f"{run.path}: no default analysis for kind {run.kind!r}; pass --method"
-        )
+        raise UserInputError(f"no default analysis for runs of kind {kind!r}; pass --method")
     if name not in METHODS:
         raise UserInputError(
             f"--method: expected one of {', '.join(sorted(METHODS))}, got {name!r}"
         )
-    function, defaults = METHODS[name]
-    unknown = sorted(set(params) - set(defaults))
-    if unknown:
-        raise UserInputError(
-            f"--param: method {name!r} has no parameter {unknown[0]!r}"
-            + (f" (it takes {', '.join(sorted(defaults))})" if defaults else " (it takes none)")
+    return name
+
+
+def accumulator_class(method: str) -> type[StepAccumulator]:
+    """The accumulator class of ``method``."""
+    module, name, _ = METHODS[method]
+    cls: type[StepAccumulator] = getattr(importlib.import_module(module), name)
+    return cls
+
+
+def make_accumulator(
+    method: str,
+    channels: np.ndarray,
+    axes: list[str],
+    params: Mapping[str, Any],
+    constants: Constants | None = None,
+) -> StepAccumulator:
+    """Build the accumulator of ``method``; bad parameters are a user error (exit code 2)."""
+    cls = accumulator_class(method)
+    needs = METHODS[method][2]
+    kwargs = dict(params)
+    if needs is not None:
+        if constants is not None and constants.method != needs:
+            raise UserInputError(
+                f"--constants {constants.path}: method {method!r} applies {needs!r} constants, "
+                f"the file holds {constants.method!r}"
+            )
+        kwargs["constants"] = None if constants is None else constants.table
+    elif constants is not None:
+        raise UserInputError(f"--constants: method {method!r} applies no constants")
+    try:
+        return cls(channels, axes, **kwargs)
+    except ValueError as exc:
+        raise UserInputError(f"--param: {exc}") from None
+
+
+def _finish(acc: StepAccumulator, method: str, constants: Constants | None) -> MethodResult:
+    table = acc.fit()
+    return MethodResult(
+        method,
+        table,
+        {k: v for k, v in acc.params.items() if k != "constants"},
+        acc.attrs(),
+        acc.json_rows(table),
+        acc.n_steps,
+        constants,
+    )
+
+
+def step_row(row: np.void) -> dict[str, Any]:
+    """A ``/steps`` row as the dict an accumulator receives (the same keys online and offline)."""
+    names = row.dtype.names or ()
+    return {name: row[name].item() for name in names if name != "first_hit"}
+
+
+def run_method(
+    run: RunFile,
+    method: str | None,
+    params: Mapping[str, Any],
+    constants: Constants | None = None,
+) -> MethodResult:
+    """Apply ``method`` (or the default for the run's kind) to the completed steps of ``run``."""
+    name = method_for(run.kind, method)
+    acc = make_accumulator(name, run.channels, run.axes, params, constants)
+    for index, (row, hits) in enumerate(run.iter_steps()):
+        acc.add_hits(index, hits)
+        acc.end_step(index, step_row(row))
+    if acc.n_steps == 0:
+        raise AnalysisError(f"{run.path}: the run has no completed step to analyse")
+    return _finish(acc, name, constants)
+
+
+def load_constants_for(method: str, path: str | None) -> Constants | None:
+    """Load the constants ``method`` applies from ``path`` (None when no file is given)."""
+    if path is None:
+        return None
+    needs = METHODS[method][2]
+    return load_constants(path, needs)
+
+
+@dataclass
+class OnlineAnalysis:
+    """A document-stream subscriber running one method as the run goes.
+
+    The fit is refreshed after a step when the last refresh is older than ``min_refresh_s`` and
+    always at the end of the run; ``listeners`` are called with every refreshed result (the GUI
+    redraws from them). A method that cannot run on this run (wrong axes, ...) is reported once in
+    the log and then stays silent: online analysis never stops a run.
+    """
+
+    method: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    constants: Constants | None = None
+    min_refresh_s: float = 0.5
+    listeners: list[Callable[[MethodResult], None]] = field(default_factory=list)
+    result: MethodResult | None = None
+    error: str = ""
+    _acc: StepAccumulator | None = None
+    _name: str = ""
+    _last_refresh: float = 0.0
+    _dirty: bool = False
+
+    def __call__(self, name: str, doc: Mapping[str, Any]) -> None:
+        try:
+            if name == "start":
+                self._start(doc)
+            elif self._acc is None:
+                return
+            elif name == "hits":
+                self._acc.add_hits(int(doc["index"]), doc["hits"])
+            elif name == "step":
+                row = {"index": int(doc["index"]), **doc["axes"]}
+                for key in ("n_hits", "n_triggers", "t_start", "t_stop"):
+                    row[key] = doc[key]
+                self._acc.end_step(int(doc["index"]), row)
+                self._dirty = True
+                if time.monotonic() - self._last_refresh >= self.min_refresh_s:
+                    self.refresh()
+            elif name == "stop" and self._dirty:
+                self.refresh()
+        except Exception as exc:  # noqa: BLE001 - analysis must never stop the run
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.warning("online analysis %s stopped: %s", self._name or self.method, self.error)
+            self._acc = None
+
+    def _start(self, doc: Mapping[str, Any]) -> None:
+        self._name = method_for(str(doc["kind"]), self.method)
+        self._acc = make_accumulator(
+            self._name, np.asarray(doc["channels"]), list(doc["axes"]), self.params, self.constants
         )
-    return function(run, {**defaults, **params})
+
+    def refresh(self) -> MethodResult | None:
+        """Fit the sums so far and tell the listeners."""
+        if self._acc is None or self._acc.n_steps == 0:
+            return None
+        self.result = _finish(self._acc, self._name, self.constants)
+        self._last_refresh = time.monotonic()
+        self._dirty = False
+        for listener in self.listeners:
+            listener(self.result)
+        return self.result

@@ -8,16 +8,19 @@ pause and abort from another thread or a signal handler) can be passed in.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from . import __version__
 from .errors import UserInputError
+from .methods import MethodResult, OnlineAnalysis
 from .sequences import Recipe, RunEngine, RunMetadata, RunResult, Subscriber, load_recipe
 from .station import StandFile, Station, connect, load_stand
-from .storage import RunWriter
+from .storage import RunWriter, write_analysis
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +42,12 @@ class PreparedRun:
 
 @dataclass
 class RunOutcome:
-    """How a run ended and where it is."""
+    """How a run ended, where it is, and the online analysis at its end (if any)."""
 
     result: RunResult
     run_path: Path
     simulated: bool
+    analysis: MethodResult | None = None
 
 
 def prepare_run(
@@ -89,8 +93,12 @@ def execute(
     subscribers: Sequence[Subscriber] = (),
     on_engine: Callable[[RunEngine, Station], None] | None = None,
     block_triggers: int = 20_000,
+    online: OnlineAnalysis | None = None,
 ) -> RunOutcome:
     """Connect the stand, run the plan and record it; the stand is closed on every way out.
+
+    ``online`` (an :class:`~teststand.methods.OnlineAnalysis`) follows the run; its result at the
+    end is written to the run file's ``/analysis/<method>``.
 
     Raises:
         ConnectionFailed: one or more instruments could not be connected (nothing was run).
@@ -107,6 +115,8 @@ def execute(
         )
         writer = RunWriter(prepared.run_path)
         engine.subscribe(writer)
+        if online is not None:
+            engine.subscribe(online)
         for subscriber in subscribers:
             engine.subscribe(subscriber)
         if on_engine is not None:
@@ -117,7 +127,29 @@ def execute(
             writer.close()
     finally:
         station.close()
-    return RunOutcome(result, prepared.run_path, prepared.stand.simulated)
+    analysis = online.result if online is not None else None
+    if analysis is not None:
+        write_method_result(prepared.run_path, analysis, online=True)
+    elif online is not None and online.error:
+        log.warning("no online analysis stored: %s", online.error)
+    return RunOutcome(result, prepared.run_path, prepared.stand.simulated, analysis)
+
+
+def write_method_result(path: Path, result: MethodResult, *, online: bool = False) -> None:
+    """Store ``result`` as ``/analysis/<method>`` of the run file at ``path``."""
+    write_analysis(
+        path,
+        result.method,
+        result.table,
+        {
+            "method": result.method,
+            "parameters": json.dumps(result.parameters, default=str),
+            "software_version": __version__,
+            "online": online,
+            "n_steps": result.n_steps,
+            **result.analysis_attrs(),
+        },
+    )
 
 
 def run_recipe(
@@ -128,7 +160,8 @@ def run_recipe(
     seed: int | None = None,
     subscribers: Sequence[Subscriber] = (),
     on_engine: Callable[[RunEngine, Station], None] | None = None,
+    online: OnlineAnalysis | None = None,
 ) -> RunOutcome:
     """Validate, connect, run and record ``recipe_spec`` on ``stand_spec`` (see :func:`execute`)."""
     prepared = prepare_run(recipe_spec, stand_spec, out_dir, seed=seed)
-    return execute(prepared, subscribers=subscribers, on_engine=on_engine)
+    return execute(prepared, subscribers=subscribers, on_engine=on_engine, online=online)

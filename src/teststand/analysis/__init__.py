@@ -15,6 +15,7 @@ from .differential import (
     sampling_phase,
 )
 from .offsets import BOARD_DTYPE, BOARD_FIT_DTYPE, OFFSET_DTYPE, OffsetResult, channel_offsets
+from .online import StepAccumulator, json_value
 from .resolution import (
     RESOLUTION_DTYPE,
     THREE_PLANE_DTYPE,
@@ -24,7 +25,14 @@ from .resolution import (
     select_tracks,
     three_plane_resolution,
 )
-from .scurve import SCURVE_DTYPE, ScurveCounts, fit_scurves, scurve_counts, scurve_moments
+from .scurve import (
+    SCURVE_DTYPE,
+    ScurveAccumulator,
+    ScurveCounts,
+    fit_scurves,
+    scurve_counts,
+    scurve_moments,
+)
 from .timewalk import (
     MAX_POLY_ORDER,
     TIMEWALK_DTYPE,
@@ -68,7 +76,9 @@ __all__ = [
     "AwcFit",
     "AwcTrim",
     "OffsetResult",
+    "ScurveAccumulator",
     "ScurveCounts",
+    "StepAccumulator",
     "Tracks",
     "channel_offsets",
     "correct_peak_time",
@@ -82,6 +92,7 @@ __all__ = [
     "fit_scurves",
     "fit_timewalk",
     "fit_timewalk_profile",
+    "json_value",
     "phase_correction_from_shape",
     "residual_walk",
     "resolve_planes",

@@ -20,11 +20,16 @@ A channel that cannot be fitted gets NaN and a reason in ``flag``; it never rais
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.special import log_ndtr
+
+from teststand.errors import AnalysisError
+
+from .online import StepAccumulator
 
 __all__ = [
     "SCURVE_DTYPE",
@@ -61,6 +66,7 @@ WRONG_DIRECTION = "wrong_direction"  # no value: the efficiency rises where it s
 NO_EDGE = "no_edge"  # no value: the efficiency does not change across the scan
 NO_PLATEAU = "no_plateau"  # warning: efficiency never reaches ~1 or never ~0 in the scan
 AT_SCAN_EDGE = "at_scan_edge"  # warning: x0 within edge_sigmas * sigma of the first/last code
+EMPTY_STEP = "empty_step"  # warning: a step with no hit at all below the noise edge, left out
 EXCESS_HITS = "excess_hits"  # warning: more hits than triggers at some code (clipped)
 
 _LOG_SQRT_2PI = 0.5 * np.log(2.0 * np.pi)
@@ -293,17 +299,20 @@ def fit_scurves(
         step = np.nanmedian(
             np.where(usable, np.diff(c, axis=1, prepend=np.nan), np.nan)[fit_rows], axis=1
         )
-        res = _probit_fit(
-            c[fit_rows],
-            n[fit_rows],
-            k[fit_rows],
-            x0_m[fit_rows],
-            np.where(np.isfinite(sigma_m) & (sigma_m > 0), sigma_m, np.nan)[fit_rows],
-            falling,
-            max_iter,
-            tol,
-            fallback_sigma=np.abs(step),
-        )
+        # Far from the edge the scoring step can overflow before step halving pulls it back;
+        # those iterations are rejected, so their floating-point warnings carry no information.
+        with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+            res = _probit_fit(
+                c[fit_rows],
+                n[fit_rows],
+                k[fit_rows],
+                x0_m[fit_rows],
+                np.where(np.isfinite(sigma_m) & (sigma_m > 0), sigma_m, np.nan)[fit_rows],
+                falling,
+                max_iter,
+                tol,
+                fallback_sigma=np.abs(step),
+            )
         rows = np.flatnonzero(fit_rows)
         bad_dir = res.bad_direction
         bad = ~res.converged | bad_dir
@@ -466,3 +475,84 @@ def _probit_fit(
     return _ProbitResult(
         x0, sigma, np.sqrt(var_x0), np.sqrt(var_sigma), chi2, ndf, converged, bad_direction
     )
+
+
+class ScurveAccumulator(StepAccumulator):
+    """Online/offline S-curves: hits per (channel, step) of the laser-off threshold steps.
+
+    A step counts when its ``thr_code`` axis is finite and, if the scan has a ``laser`` axis, the
+    laser was off. Per step only the number of triggers and, per channel, the number of triggers
+    with a hit are kept.
+    """
+
+    method: ClassVar[str] = "scurve"
+    json_keys: ClassVar[Mapping[str, str]] = {
+        "baseline_code": "baseline_code",
+        "noise_code": "noise_code",
+    }
+    defaults: ClassVar[Mapping[str, Any]] = {"min_triggers": 10.0}
+
+    def __init__(self, channels: NDArray[Any], axes: Sequence[str], **params: Any) -> None:
+        super().__init__(channels, axes, **params)
+        if "thr_code" not in self.axes:
+            raise AnalysisError("the S-curve method needs a scan over the thr_code axis")
+        self._codes: list[float] = []
+        self._triggers: list[float] = []
+        self._hits: list[NDArray[np.float64]] = []
+
+    def reduce_step(self, step: int, row: Mapping[str, Any], hits: NDArray[Any]) -> None:
+        code = float(row["thr_code"])
+        if not np.isfinite(code) or ("laser" in row and float(row["laser"]) != 0.0):
+            return
+        counts = scurve_counts(
+            hits["channel"],
+            np.zeros(hits.size, dtype=np.intp),
+            self.n_channels,
+            [code],
+            [float(row["n_triggers"])],
+            hits_event=hits["event"],
+        )
+        self._codes.append(code)
+        self._triggers.append(float(row["n_triggers"]))
+        self._hits.append(counts.n_hits[:, 0])
+
+    def fit(self) -> NDArray[Any]:
+        """Baseline and noise per channel from the laser-off steps so far."""
+        channels = self.channels["channel"]
+        if not self._codes:
+            table = np.zeros(self.n_channels, dtype=SCURVE_DTYPE)
+            table["channel"] = channels
+            for name in (
+                "baseline_code",
+                "baseline_code_err",
+                "noise_code",
+                "noise_code_err",
+                "baseline_code_moments",
+                "noise_code_moments",
+                "chi2",
+            ):
+                table[name] = np.nan
+            table["flag"] = NO_HITS
+            return table
+        return self._fit()
+
+    def _fit(self) -> NDArray[Any]:
+        channels = self.channels["channel"]
+        codes = np.asarray(self._codes)
+        hits = np.stack(self._hits, axis=1)
+        triggers = np.broadcast_to(np.asarray(self._triggers), hits.shape)
+        # A step in which no channel fired although a higher threshold made some fire cannot be
+        # noise: the acquisition delivered nothing (readout fault). Leave it out and say so.
+        silent = hits.sum(axis=0) == 0
+        fired_codes = codes[~silent]
+        dead = silent & (codes < (fired_codes.max() if fired_codes.size else -np.inf))
+        table = fit_scurves(
+            codes[~dead],
+            triggers[:, ~dead],
+            hits[:, ~dead],
+            channels=channels,
+            min_triggers=float(self.params["min_triggers"]),
+        )
+        if dead.any():
+            table["flag"] = [f"{f}|{EMPTY_STEP}" if f else EMPTY_STEP for f in table["flag"]]
+        return table
