@@ -55,6 +55,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "--no-analysis", action="store_true", help="no online analysis (the run is only recorded)"
     )
     run.add_argument(
+        "--export-constants",
+        default=None,
+        metavar="FILE",
+        help="write the online analysis of the run as a constants file (JSON, sha256)",
+    )
+    run.add_argument(
         "--constants",
         default=None,
         metavar="FILE",
@@ -235,6 +241,8 @@ def _run_prepared(prepared: Any, args: argparse.Namespace) -> int:
             f"SIMULATED stand {meta.stand_name!r} (seed {meta.seed}): no real instrument is used",
             file=sys.stderr,
         )
+    if args.export_constants and not Path(args.export_constants).resolve().parent.is_dir():
+        raise UserInputError(f"--export-constants {args.export_constants}: no such folder")
     subscribers = [] if args.no_progress else [Progress(label=sim_tag)]
     online = None
     if not args.no_analysis:
@@ -266,6 +274,9 @@ def _run_prepared(prepared: Any, args: argparse.Namespace) -> int:
         print(f"teststand: run {result.status}: {result.reason}", file=sys.stderr)
     if result.n_steps:
         _print_summary(prepared.run_path, outcome.analysis)
+    if args.export_constants and outcome.analysis is not None:
+        _export(args.export_constants, outcome.analysis, meta.run_id, prepared.run_path, None)
+        print(f"constants file: {args.export_constants}")
     if online is not None and online.error:
         print(f"online analysis: not possible ({online.error})")
     return EXIT_OK if result.status == "completed" else EXIT_FAILED
@@ -327,7 +338,6 @@ def _none_nan(value: Any) -> Any:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .constants import export_constants
     from .methods import load_constants_for, method_for, run_method
     from .runner import write_method_result
     from .storage import RunFile
@@ -344,20 +354,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.json_out:
         _write_text(args.json_out, json.dumps(doc, indent=2) + "\n", "--json")
     if args.export:
-        try:
-            export_constants(
-                args.export,
-                method=result.method,
-                table=result.table,
-                run_id=run_id,
-                run_file=str(path),
-                parameters=result.parameters,
-                attrs=result.attrs,
-                valid_from=started,
-                valid_until=args.valid_until,
-            )
-        except OSError as exc:
-            raise UserInputError(f"--export {args.export}: cannot write ({exc.strerror})") from None
+        _export(args.export, result, run_id, path, args.valid_until, valid_from=started)
     rows = result.json_channels
     keys = [k for k, v in (rows[0] if rows else {}).items() if not isinstance(v, list)]
     keys = [k for k in keys if k not in ("channel", "flag")] + ["flag"]
@@ -369,6 +366,36 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         )
     )
     return EXIT_OK
+
+
+def _export(
+    target: str,
+    result: Any,
+    run_id: str,
+    run_path: Path,
+    valid_until: str | None,
+    *,
+    valid_from: str = "",
+) -> None:
+    from .constants import export_constants
+    from .sequences import utc_now
+
+    try:
+        export_constants(
+            target,
+            method=result.method,
+            table=result.table,
+            run_id=run_id,
+            run_file=str(run_path),
+            parameters=result.parameters,
+            attrs=result.attrs,
+            valid_from=valid_from or utc_now(),
+            valid_until=valid_until,
+        )
+    except OSError as exc:
+        raise UserInputError(
+            f"{target}: cannot write the constants file ({exc.strerror})"
+        ) from None
 
 
 def _write_text(path: str, text: str, option: str) -> None:
