@@ -175,3 +175,38 @@ def test_scurve_flags_bad_data_instead_of_numbers():
         assert table["flag"][ch] != "", ch
         assert np.isnan(table["baseline_code"][ch]) or "no_plateau" in table["flag"][ch]
     assert "no_hits" in table["flag"][2]
+
+
+def _online_vs_offline(tmp_path, recipe_text, stand, seed, constants=None):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(recipe_text)
+    online = OnlineAnalysis(constants=constants)
+    outcome = run_recipe(str(recipe), stand, tmp_path, seed=seed, online=online)
+    assert outcome.result.status == "completed" and online.error == ""
+    with RunFile(outcome.run_path) as run:
+        offline = run_method(run, None, {}, constants)
+    assert_tables_equal(outcome.analysis.table, offline.table)
+    return outcome
+
+
+def test_online_equals_offline_for_timewalk_and_resolution(tmp_path):
+    tw = _online_vs_offline(
+        tmp_path / "tw",
+        'kind = "hptdc_timewalk"\n[parameters]\n'
+        "intensities_pct = {start = 20.0, stop = 100.0, step = 10.0}\nn_pulses = 1500\n",
+        "sim-hptdc",
+        seed=21,
+    )
+    assert tw.analysis.method == "timewalk"
+    export_constants(tmp_path / "tw.json", method="timewalk", table=tw.analysis.table, run_id="tw")
+    constants = load_constants(tmp_path / "tw.json", "timewalk")
+    res = _online_vs_offline(
+        tmp_path / "res",
+        'kind = "timing_resolution"\n[parameters]\nintensities_pct = [60.0]\nn_pulses = 3000\n',
+        "sim-hptdc",
+        seed=21,
+        constants=constants,
+    )
+    assert res.analysis.method == "resolution"
+    assert np.all(np.isfinite(res.analysis.table["sigma_ps"]))

@@ -9,12 +9,17 @@ from hypothesis import strategies as st
 
 from teststand.analysis.resolution import (
     RESOLUTION_DTYPE,
+    GroupSolution,
+    ResolutionAccumulator,
+    ResolutionSums,
+    Tracks,
     fit_resolution,
     resolve_planes,
     select_tracks,
     three_plane_resolution,
 )
-from teststand.analysis.timewalk import correct_timewalk, fit_timewalk
+from teststand.analysis.timewalk import TIMEWALK_DTYPE, correct_timewalk, fit_timewalk
+from teststand.core.hits import HIT_DTYPE
 from teststand.sim.physics import (
     CHANNEL_DTYPE,
     HPTDC_BIN_NS,
@@ -237,3 +242,259 @@ def test_full_chain_with_fitted_walk_and_error_coverage() -> None:
     p = np.concatenate(pulls)
     assert abs(p.mean()) < 0.35 and 0.7 < p.std() < 1.3
     assert np.mean(np.abs(p) < 2.0) > 0.88
+
+
+# -- running sums and the accumulator ------------------------------------------------------------
+
+
+def toy_tracks(
+    rng: np.random.Generator,
+    sigmas_ns: list[float],
+    n: int,
+    *,
+    jitter_ns: float = 0.02,
+    uniform: bool = False,
+    offsets_ns: list[float] | None = None,
+) -> Tracks:
+    """Tracks through ``len(sigmas_ns)`` planes, channel ``p`` in plane ``p``."""
+    s = np.asarray(sigmas_ns)
+    if uniform:  # flat noise of the same rms: lighter tails than a Gaussian
+        t = s * np.sqrt(12.0) * (rng.random((n, s.size)) - 0.5)
+        t += jitter_ns * rng.standard_normal((n, 1))
+        if offsets_ns is not None:
+            t += np.asarray(offsets_ns)
+    else:
+        t = gaussian_planes(rng, list(s), n, jitter_ns=jitter_ns, offsets_ns=offsets_ns)
+    planes = np.arange(s.size)
+    return Tracks(
+        np.arange(n, dtype=np.uint64), np.zeros(n, dtype=np.int64),
+        np.broadcast_to(planes, (n, s.size)).copy(), t, planes,
+    )  # fmt: skip
+
+
+def solve_toy(tracks: Tracks, **kwargs: float) -> GroupSolution:
+    sums = ResolutionSums(**kwargs)  # type: ignore[arg-type]
+    sums.add(tracks)
+    (key,) = sums.groups
+    sol = sums.solve(key)
+    assert sol is not None
+    return sol
+
+
+@pytest.mark.parametrize("uniform", [False, True], ids=["gaussian", "flat"])
+def test_sums_are_unbiased_and_their_errors_are_right(uniform: bool) -> None:
+    """Toy Monte Carlo: 120 samples of 3000 tracks through four planes."""
+    rng = np.random.default_rng(11)
+    sig = np.array([0.080, 0.055, 0.095, 0.070])
+    sigmas, errors = [], []
+    for _ in range(120):
+        sol = solve_toy(toy_tracks(rng, list(sig), 3000, uniform=uniform))
+        assert sol.converged
+        sigmas.append(np.sqrt(sol.sigma2))
+        errors.append(sol.sigma_err)
+    s, e = np.array(sigmas), np.array(errors)
+    spread = s.std(axis=0, ddof=1)
+    # unbiased: the mean within 3 standard errors of the truth
+    assert np.all(np.abs(s.mean(axis=0) - sig) < 3 * spread / np.sqrt(len(s)))
+    # the quoted error is the spread (known to 6.5 % from 120 samples), from the fourth moments:
+    # flat noise has lighter tails, and a smaller error than a Gaussian of the same rms
+    np.testing.assert_allclose(e.mean(axis=0), spread, rtol=0.2)
+    if uniform:
+        gaussian = [solve_toy(toy_tracks(rng, list(sig), 3000)).sigma_err for _ in range(5)]
+        assert np.all(e.mean(axis=0) < 0.9 * np.mean(gaussian, axis=0))
+
+
+def test_sums_are_more_precise_than_the_core_fit() -> None:
+    rng = np.random.default_rng(12)
+    tracks = toy_tracks(rng, [0.080, 0.055, 0.095, 0.070], 20_000)
+    sol = solve_toy(tracks)
+    core = resolve_planes(tracks.t_ns)
+    # The same tracks: agreement within the spread of the difference of the two estimators.
+    spread = np.sqrt(core["sigma_err_ns"][0] ** 2 - sol.sigma_err**2)
+    assert np.all(np.abs(np.sqrt(sol.sigma2) - core["sigma_ns"][0]) < 3.5 * spread)
+    # The full variance inside a wide window against a 2.5 sigma core: sqrt(2/3) of its error.
+    np.testing.assert_allclose(sol.sigma_err / core["sigma_err_ns"][0], np.sqrt(2 / 3), rtol=0.1)
+
+
+def test_three_planes_closed_form_is_the_fixed_point() -> None:
+    rng = np.random.default_rng(13)
+    tracks = toy_tracks(rng, [0.090, 0.055, 0.075], 30_000)
+    sol = solve_toy(tracks)
+    # With three planes the iteration's fixed point is the closed form, exactly.
+    np.testing.assert_allclose(sol.sigma2_three_plane, sol.sigma2, rtol=1e-8)
+    closed = three_plane_resolution(tracks.t_ns)
+    pulls = (1e3 * np.sqrt(sol.sigma2) - closed["sigma_ps"]) / closed["sigma_err_ps"]
+    assert np.all(np.abs(pulls) < 1.5)
+
+
+def test_sums_ignore_wild_tracks() -> None:
+    rng = np.random.default_rng(14)
+    tracks = toy_tracks(rng, [0.080, 0.060, 0.095, 0.070], 40_000)
+    clean = solve_toy(tracks)
+    t_bad = tracks.t_ns.copy()
+    bad = rng.random(t_bad.shape[0]) < 0.02
+    t_bad[bad, 1] += rng.uniform(-5.0, 5.0, bad.sum())
+    sums = ResolutionSums()
+    sums.add(tracks._replace(t_ns=t_bad))
+    group = sums.groups[(0, 1, 2, 3)]
+    sol = sums.solve((0, 1, 2, 3))
+    assert sol is not None
+    # The wild tracks are cut (but for the ~8 % shifted by less than ~0.4 ns, 4.6 sigma of the
+    # difference); the result stays within its error.
+    assert 0.88 * bad.sum() < group.n_outliers <= bad.sum() + 10
+    assert np.all(np.abs(np.sqrt(sol.sigma2) - np.sqrt(clean.sigma2)) < 2 * clean.sigma_err)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    sig=st.lists(st.floats(0.03, 0.15), min_size=3, max_size=6),
+    offset=st.floats(-100.0, 100.0),
+    seed=st.integers(0, 2**16),
+)
+def test_sums_do_not_depend_on_offsets_or_common_jitter(
+    sig: list[float], offset: float, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    tracks = toy_tracks(rng, sig, 3000, jitter_ns=0.0)
+    shifted = tracks.t_ns + offset * np.arange(len(sig)) + rng.normal(0.0, 1.0, (3000, 1))
+    a = solve_toy(tracks)
+    b = solve_toy(tracks._replace(t_ns=shifted))
+    np.testing.assert_allclose(b.sigma2, a.sigma2, rtol=1e-6, atol=1e-10)
+
+
+def true_constants(model: HptdcModel) -> np.ndarray:
+    """A timewalk constants table holding the simulator's true walk."""
+    truth = model.truth()
+    c = np.zeros(truth.size, dtype=TIMEWALK_DTYPE)
+    for name in c.dtype.names or ():
+        if c.dtype[name].kind == "f":
+            c[name] = np.nan
+    c["channel"] = truth["channel"]
+    for name in ("p0_ns", "p1_ns", "p2_ns"):
+        c[name] = truth[name]
+    c["p3_ns"] = truth["t_inf_ns"]
+    c["better"] = "sigmoid"
+    return c
+
+
+def feed_resolution(
+    acc: ResolutionAccumulator, steps: list[np.ndarray], blocks: int = 1
+) -> ResolutionAccumulator:
+    for i, hits in enumerate(steps):
+        for block in np.array_split(hits, blocks):
+            acc.add_hits(i, block)
+        acc.end_step(i, {"index": i, "intensity": 60.0, "n_hits": hits.size})
+    return acc
+
+
+@pytest.fixture(scope="module")
+def bench() -> tuple[HptdcModel, np.ndarray]:
+    model = HptdcModel(demo_hptdc_channels(), seed=31)
+    return model, model.generate(8000, AcquisitionState(True, 60.0))
+
+
+def test_accumulator_on_the_simulated_bench(bench: tuple[HptdcModel, np.ndarray]) -> None:
+    model, hits = bench
+    const = true_constants(model)
+    acc = feed_resolution(ResolutionAccumulator(model.channels, ["intensity"], constants=const),
+                          [hits])  # fmt: skip
+    res = acc.fit()
+    assert res.dtype == RESOLUTION_DTYPE
+    assert np.all(res["flag"] == "") and np.all(res["n_planes"] == 4)
+    assert np.all(res["n_tracks"] + res["n_outliers"] == 8000)
+    pulls = (res["sigma_ps"] - effective_sigma_ps(model, hits)) / res["sigma_err_ps"]
+    assert np.all(np.abs(pulls) < 4.0), pulls
+    # Fed again, in blocks: the same numbers, bit for bit (online equals offline).
+    again = feed_resolution(
+        ResolutionAccumulator(model.channels, ["intensity"], constants=const), [hits], blocks=5
+    ).fit()
+    assert again.tobytes() == res.tobytes()
+    # In four steps the window comes from the first; the result moves by far less than its error.
+    steps = [hits[(hits["event"] // 2000) == k] for k in range(4)]
+    stepwise = feed_resolution(
+        ResolutionAccumulator(model.channels, ["intensity"], constants=const), steps
+    ).fit()
+    assert np.all(np.abs(stepwise["sigma_ps"] - res["sigma_ps"]) < 0.05 * res["sigma_err_ps"])
+    rows = acc.json_rows(res)
+    assert set(rows[0]) == {"channel", "sigma_ps", "sigma_err_ps", "plane", "n_tracks", "flag"}
+    attrs = acc.attrs()
+    assert attrs["walk_corrected"] is True and attrs["n_combinations_solved"] == 4
+
+
+def test_a_dead_channel_leaves_its_column_to_three_planes(
+    bench: tuple[HptdcModel, np.ndarray],
+) -> None:
+    model, hits = bench
+    const = true_constants(model)
+    const = const[const["channel"] != 9]  # plane 2, pad 1 (channel = 4 plane + pad): no constants
+    hits = hits.copy()
+    hits["t1"][hits["channel"] == 10] = np.nan  # plane 2, pad 2: every time NaN
+    partly = (hits["channel"] == 11) & (hits["event"] % 3 == 0)
+    hits["t1"][partly] = np.nan  # plane 2, pad 3: a third of the times NaN
+    res = feed_resolution(
+        ResolutionAccumulator(model.channels, ["intensity"], constants=const), [hits]
+    ).fit()
+    flags = dict(zip(res["channel"].tolist(), res["flag"].tolist(), strict=True))
+    assert flags[9] == "no_constants" and flags[10] == "nan_times"
+    for c in (9, 10):
+        assert np.isnan(res["sigma_ps"][c]) and np.isnan(res["sigma_err_ps"][c])
+    # Pads 1 and 2 are measured with their other three planes; pad 3 with fewer tracks.
+    expected = effective_sigma_ps(model, hits)
+    for c in (1, 5, 13, 2, 6, 14):
+        assert flags[c] == "" and res["n_planes"][c] == 3
+        assert abs(res["sigma_ps"][c] - expected[c]) < 4 * res["sigma_err_ps"][c]
+    assert res["n_planes"][11] == 4 and 5000 < res["n_tracks"][11] < 5600
+
+
+def test_bad_data_gives_flags(bench: tuple[HptdcModel, np.ndarray]) -> None:
+    model, hits = bench
+    acc = ResolutionAccumulator(model.channels, ["intensity"], constants=true_constants(model))
+    assert set(acc.fit()["flag"]) == {"no_hits"}  # before any step
+    feed_resolution(acc, [hits[:0]])  # an empty step
+    res = acc.fit()
+    assert set(res["flag"]) == {"no_hits"} and np.all(np.isnan(res["sigma_ps"]))
+    feed_resolution(acc, [hits[hits["event"] < 150]])  # 150 tracks per column
+    res = acc.fit()
+    assert set(res["flag"]) == {"too_few_tracks"} and np.all(res["n_tracks"] == 150)
+    # Two planes only: nothing to separate.
+    two = model.channels[model.channels["plane"] < 2]
+    res = feed_resolution(ResolutionAccumulator(two, ["intensity"]), [hits]).fit()
+    assert set(res["flag"]) == {"too_few_planes"} and np.all(np.isnan(res["sigma_ps"]))
+    # No constants: raw times, every number flagged.
+    raw_acc = feed_resolution(ResolutionAccumulator(model.channels, ["intensity"]), [hits])
+    raw = raw_acc.fit()
+    assert set(raw["flag"]) == {"walk_not_corrected"} and np.all(np.isfinite(raw["sigma_ps"]))
+    assert raw_acc.attrs()["walk_corrected"] is False
+
+
+def test_accumulator_parameters_are_checked() -> None:
+    table = demo_hptdc_channels()
+    with pytest.raises(ValueError, match="no parameter 'sigma'"):
+        ResolutionAccumulator(table, [], sigma=1.0)
+    with pytest.raises(ValueError, match="min_planes"):
+        ResolutionAccumulator(table, [], min_planes=2.0)
+    with pytest.raises(ValueError, match="not a timewalk table"):
+        ResolutionAccumulator(table, [], constants=np.zeros(3, dtype=[("channel", "<u2")]))
+    with pytest.raises(ValueError, match="window_tail"):
+        ResolutionAccumulator(table, [], window_tail=0.7)
+    assert all(isinstance(v, float) for v in ResolutionAccumulator.defaults.values())
+
+
+def test_degenerate_times_are_flagged_not_a_crash() -> None:
+    table = demo_hptdc_channels()
+    n = 400
+    hits = np.zeros(16 * n, dtype=HIT_DTYPE)
+    hits["event"] = np.repeat(np.arange(n), 16)
+    hits["channel"] = np.tile(np.arange(16), n)
+    hits["tot"] = 10.0
+    # every time equal: nothing to measure
+    acc = feed_resolution(ResolutionAccumulator(table, []), [hits])
+    assert set(acc.fit()["flag"]) == {"negative_variance"}
+    # plane 0 perfect, the others 50 ps: plane 0 comes out near zero or flagged, never a crash
+    rng = np.random.default_rng(0)
+    hits["t1"] = np.where(hits["channel"] >= 4, rng.normal(0.0, 0.05, hits.size), 0.0)
+    res = feed_resolution(ResolutionAccumulator(table, []), [hits]).fit()
+    first = res[:4]
+    assert np.all(np.isnan(first["sigma_ps"]) | (first["sigma_ps"] < 15.0))
+    assert np.all(np.isnan(first["sigma_ps"]) == (first["flag"] != "walk_not_corrected"))
+    assert np.all(np.abs(res["sigma_ps"][4:] / 50.0 - 1.0) < 0.2)

@@ -11,6 +11,7 @@ from teststand.analysis.timewalk import (
     MAX_POLY_ORDER,
     TIMEWALK_DTYPE,
     TIMEWALK_PROFILE_DTYPE,
+    TimewalkAccumulator,
     correct_timewalk,
     evaluate_timewalk,
     fit_timewalk,
@@ -258,3 +259,182 @@ def test_correction_with_exact_constants_is_exact(seed: int, n: int) -> None:
                       const["p3_ns"][row])  # fmt: skip
     t0 = rng.normal(0.0, 1.0, n)
     np.testing.assert_allclose(correct_timewalk(ch, t0 + walk, tot, const), t0, atol=1e-9)
+
+
+# -- running sums and the accumulator ------------------------------------------------------------
+
+
+def step_row(index: int, intensity: float, hits: np.ndarray) -> dict[str, float]:
+    return {"index": index, "intensity": intensity, "n_hits": hits.size, "n_triggers": 3000}
+
+
+def feed_steps(acc: TimewalkAccumulator, steps: list[np.ndarray]) -> TimewalkAccumulator:
+    for i, hits in enumerate(steps):
+        acc.add_hits(i, hits)
+        acc.end_step(i, step_row(i, float(i), hits))
+    return acc
+
+
+def walk_steps(seed: int, n_per_step: int = 3000) -> tuple[HptdcModel, list[np.ndarray]]:
+    model = HptdcModel(demo_hptdc_channels(), seed=seed)
+    return model, [
+        model.generate(n_per_step, AcquisitionState(True, float(i))) for i in INTENSITIES
+    ]
+
+
+def test_accumulator_equals_fit_timewalk() -> None:
+    model, steps = walk_steps(21)
+    hits = np.concatenate(steps)
+    table = model.channels
+    offline = fit_timewalk(hits["channel"], hits["t1"], hits["tot"], channels=table["channel"])
+    # One step holding every hit: the same sums, bit for bit.
+    one = feed_steps(TimewalkAccumulator(table, ["intensity"]), [hits]).fit()
+    assert one.dtype == TIMEWALK_DTYPE
+    assert one.tobytes() == offline.tobytes()
+    # Step by step (and each step in blocks): the same to rounding.
+    acc = TimewalkAccumulator(table, ["intensity"])
+    for i, h in enumerate(steps):
+        for block in np.array_split(h, 4):
+            acc.add_hits(i, block)
+        acc.end_step(i, step_row(i, float(i), h))
+    stepwise = acc.fit()
+    for name in ("p0_ns", "p1_ns", "p3_ns", "p2_err_ns", "chi2ndf_sigmoid", "chi2ndf_poly"):
+        np.testing.assert_allclose(stepwise[name], offline[name], rtol=1e-9)
+    assert stepwise["flag"].tolist() == offline["flag"].tolist()
+    assert stepwise["better"].tolist() == offline["better"].tolist()
+    assert stepwise["n_bins"].tolist() == offline["n_bins"].tolist()
+    attrs = acc.attrs()
+    assert attrs["n_better_sigmoid"] + attrs["n_better_poly"] == 16
+    rows = acc.json_rows(stepwise)
+    assert set(rows[0]) >= {"channel", "p0_ns", "p1_ns", "p2_ns", "p3_ns", "better", "flag"}
+
+
+def test_many_small_steps_give_the_same_profile() -> None:
+    # Steps too small to set a band's reference: the hits wait in the buffer and are folded
+    # later, or at fit time; the profile does not depend on it.
+    model = HptdcModel(demo_hptdc_channels(n_planes=1), seed=3)
+    steps = [model.generate(40, AcquisitionState(True, 40.0 + 5 * (i % 8))) for i in range(60)]
+    hits = np.concatenate(steps)
+    acc = feed_steps(TimewalkAccumulator(model.channels, ["intensity"], min_entries=5.0), steps)
+    prof = acc.sums.profile(model.channels["channel"], 5)
+    ref = timewalk_profile(hits["channel"], hits["t1"], hits["tot"], min_entries=5,
+                           window_ns=2.0)  # fmt: skip
+    assert prof.size == ref.size > 50
+    for name in ("n", "tot_ns", "t_ns", "t_rms_ns"):
+        np.testing.assert_allclose(prof[name], ref[name], rtol=1e-12, atol=1e-12)
+
+
+def inject_outliers(
+    rng: np.random.Generator, steps: list[np.ndarray], rate: float, tot_range: tuple[float, float]
+) -> tuple[list[np.ndarray], int]:
+    """Add stray hits to every step: ``rate`` per channel and pulse, uniform over the 100 ns gate
+    and over ``tot_range``."""
+    out, total = [], 0
+    for h in steps:
+        n_pulses = int(h["event"].max()) + 1
+        n = rng.poisson(rate * n_pulses * 16)
+        noise = np.zeros(n, dtype=h.dtype)
+        noise["event"] = rng.integers(0, n_pulses, n)
+        noise["channel"] = rng.integers(0, 16, n)
+        noise["t1"] = rng.uniform(-10.0, 90.0, n)
+        noise["tot"] = rng.uniform(*tot_range, n)
+        noise["t2"] = noise["q"] = np.nan
+        out.append(np.sort(np.concatenate([h, noise]), order=["event", "channel"]))
+        total += n
+    return out, total
+
+
+def blown_bins(acc: TimewalkAccumulator) -> int:
+    """Profile bins whose time RMS is over 3 times the channel's typical one (a stray inside)."""
+    prof = acc.sums.profile(acc.channels["channel"], 20)
+    typical = {c: np.median(prof["t_rms_ns"][prof["channel"] == c]) for c in set(prof["channel"])}
+    return int(np.sum(prof["t_rms_ns"] > 3 * np.array([typical[c] for c in prof["channel"]])))
+
+
+@pytest.mark.parametrize(
+    ("rate", "tot_range"),
+    [(1e-3, (0.5, 3.0)), (1e-3, (3.0, 22.0))],
+    ids=["noise-like-the-hptdc", "strays-over-the-tot-range"],
+)
+def test_outlier_window_keeps_stray_hits_out(rate: float, tot_range: tuple[float, float]) -> None:
+    # Stray hits at 5 times the HPTDC's noise rate (the simulator puts none on lit channels).
+    model, steps = walk_steps(8)
+    truth = model.truth()
+    clean = feed_steps(TimewalkAccumulator(model.channels, ["intensity"]), steps).fit()
+    noisy_steps, n_noise = inject_outliers(np.random.default_rng(1), steps, rate, tot_range)
+    acc = feed_steps(TimewalkAccumulator(model.channels, ["intensity"]), noisy_steps)
+    noisy = acc.fit()
+    hits = np.concatenate(steps)
+    # Most strays are cut (the window is 4 ns of the 100 ns gate; at ToT below 3 ns, where
+    # strays outnumber the pulses in some bands, fewer); the fit does not move.
+    assert noisy["n_outliers"].sum() > 0.8 * n_noise
+    assert np.all(noisy["flag"] == "")
+    assert blown_bins(acc) <= 5
+    for name in ("p1_ns", "p3_ns"):
+        err = clean[name.replace("_ns", "_err_ns")]
+        assert np.max(np.abs(noisy[name] - clean[name]) / err) < 0.25
+    devs = [max_curve_deviation_ps(r, t, hits) for r, t in zip(noisy, truth, strict=True)]
+    assert max(devs) < 10.0, devs
+    if tot_range[0] >= 3.0:
+        # Without the window a stray (tens of ns away) blows up the RMS of its bin: hundreds of
+        # bins lose their weight and the parameters move by a good fraction of their errors.
+        bare_acc = TimewalkAccumulator(model.channels, ["intensity"], window_ns=0.0)
+        bare = feed_steps(bare_acc, noisy_steps).fit()
+        assert np.all(bare["n_outliers"] == 0)
+        assert blown_bins(bare_acc) > 100
+        assert np.max(np.abs(bare["p1_ns"] - clean["p1_ns"]) / clean["p1_err_ns"]) > 0.3
+
+
+def test_many_outliers_are_flagged() -> None:
+    model, steps = walk_steps(5, n_per_step=2000)
+    bad = []
+    for h in steps:
+        h = h.copy()
+        late = (h["channel"] == 2) & (h["event"] % 20 == 0)  # 5 % of channel 2's hits, +15 ns
+        h["t1"][late] += 15.0
+        bad.append(h)
+    res = feed_steps(TimewalkAccumulator(model.channels, ["intensity"]), bad).fit()
+    assert res["flag"][2] == "outliers" and np.isfinite(res["p0_ns"][2])
+    assert 0.04 < res["n_outliers"][2] / res["n_hits"][2] < 0.06
+    assert np.all(np.delete(res["flag"], 2) == "")
+
+
+def test_bad_data_gives_flags() -> None:
+    model, steps = walk_steps(2, n_per_step=1000)
+    table = np.concatenate([model.channels, model.channels[:1]])
+    table["channel"][-1] = 99  # in the table, never hit
+    acc = TimewalkAccumulator(table, ["intensity"])
+    # Before any step, and after an empty one: every channel flagged, no numbers.
+    assert set(acc.fit()["flag"]) == {"no_hits"}
+    acc.add_hits(0, steps[0][:0])
+    acc.end_step(0, step_row(0, 0.0, steps[0][:0]))
+    first = acc.fit()
+    assert set(first["flag"]) == {"no_hits"} and np.all(np.isnan(first["p0_ns"]))
+    for i, h in enumerate(steps, start=1):
+        h = h.copy()
+        h["t1"][h["channel"] == 4] = np.nan  # channel 4: every time NaN
+        h["tot"][(h["channel"] == 5) & (h["event"] % 2 == 0)] = np.nan  # channel 5: half NaN
+        keep = (h["channel"] != 6) | (h["event"] < 3)  # channel 6: three hits a step
+        acc.add_hits(i, h[keep])
+        acc.end_step(i, step_row(i, float(i), h[keep]))
+    res = acc.fit()
+    flags = dict(zip(res["channel"].tolist(), res["flag"].tolist(), strict=True))
+    assert flags[4] == "nan_times" and flags[6] == "too_few_bins" and flags[99] == "no_hits"
+    assert flags[5] == ""  # half of its hits are enough
+    for c in (4, 6, 99):
+        row = res[res["channel"] == c][0]
+        assert np.isnan(row["p0_ns"]) and np.isnan(row["p3_err_ns"]) and row["better"] == ""
+    assert res["n_hits"][res["channel"] == 99][0] == 0
+
+
+def test_accumulator_parameters_are_checked() -> None:
+    table = demo_hptdc_channels()
+    with pytest.raises(ValueError, match="no parameter 'bins'"):
+        TimewalkAccumulator(table, ["intensity"], bins=3.0)
+    with pytest.raises(ValueError, match="min_entries"):
+        TimewalkAccumulator(table, ["intensity"], min_entries=2.5)
+    with pytest.raises(ValueError, match="ToT range"):
+        TimewalkAccumulator(table, ["intensity"], tot_min_ns=30.0, tot_max_ns=10.0)
+    with pytest.raises(ValueError, match="bin_width_ns"):
+        TimewalkAccumulator(table, ["intensity"], bin_width_ns=0.0)
+    assert all(isinstance(v, float) for v in TimewalkAccumulator.defaults.values())

@@ -19,11 +19,17 @@ from .online import StepAccumulator, json_value
 from .resolution import (
     RESOLUTION_DTYPE,
     THREE_PLANE_DTYPE,
+    GroupSolution,
+    ResolutionAccumulator,
+    ResolutionSums,
     Tracks,
     fit_resolution,
+    helmert_basis,
     resolve_planes,
     select_tracks,
+    solve_covariance,
     three_plane_resolution,
+    window_factor,
 )
 from .scurve import (
     SCURVE_DTYPE,
@@ -35,8 +41,11 @@ from .scurve import (
 )
 from .timewalk import (
     MAX_POLY_ORDER,
+    SIGMOID_USABLE_FLAGS,
     TIMEWALK_DTYPE,
     TIMEWALK_PROFILE_DTYPE,
+    TimewalkAccumulator,
+    TimewalkSums,
     correct_timewalk,
     evaluate_timewalk,
     fit_timewalk,
@@ -57,6 +66,15 @@ from .walk import (
 )
 
 __all__ = [
+    "TimewalkSums",
+    "TimewalkAccumulator",
+    "SIGMOID_USABLE_FLAGS",
+    "window_factor",
+    "solve_covariance",
+    "helmert_basis",
+    "ResolutionSums",
+    "ResolutionAccumulator",
+    "GroupSolution",
     "AWC_DTYPE",
     "AWC_LUT_SIZE",
     "AWC_POINT_DTYPE",

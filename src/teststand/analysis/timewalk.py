@@ -23,23 +23,44 @@ A profile bin holds the mean of ``t`` over the hits in it, i.e. the mean of ``f`
 0.1 ns bin. Each bin therefore records the mean and variance of ToT of its hits and both models are
 compared with the data as ``f(mean) + f''(mean) var / 2``, exact to second order.
 
+The profile is kept as running sums per (channel, ToT bin): number of hits, sums of ``t`` and
+``t**2`` and of ToT and ToT**2 (:class:`TimewalkSums`). :func:`fit_timewalk` on hit columns and the
+step-by-step :class:`TimewalkAccumulator` (the online and offline method ``timewalk``) both fill
+those sums and fit the profile made from them, so they agree to rounding.
+
+Outliers. A noise hit (HPTDC noise, about 2e-4 per channel and trigger, uniform over a 100 ns
+gate) in a bin of 50 signal hits moves its mean by its distance / 50, up to a nanosecond, and
+inflates the bin's error so much that the bin loses its weight in the fit. Each channel's
+ToT range is cut into bands (``band_ns``, 1 ns); a band's reference time is the median of its first
+``window_min_hits`` hits (more exactly: of all its hits up to the end of the block in which it
+reaches that many; until then they wait in a small buffer), and only hits within ``window_ns``
+(2 ns) of it enter the sums. The window is wide against the walk inside a band (at most ~1 ns for
+slopes up to 1 ns/ns) and the resolution, and keeps ~4 % of the noise instead of all of it. The
+reference depends only on the order of the data, so the same blocks in the same order (online, and
+offline from the file) give the same sums. Hits cut are counted (``n_outliers``); a channel where
+more than ``max_outlier_fraction`` of the hits are cut is flagged ``outliers``: the window is then
+too narrow for its walk, or the data are bad.
+
 Inputs are the hit columns (``channel``, ``t1`` as ``t``, ``tot``). Outputs are structured arrays,
-one row per channel, with a ``flag`` (the package convention): ``""`` when fine; ``chi2_high`` or
-``at_bound`` (numbers given but doubtful); ``no_hits``, ``too_few_bins``, ``fit_failed`` (NaN).
+one row per channel, with a ``flag`` (the package convention): ``""`` when fine; ``chi2_high``,
+``at_bound`` or ``outliers`` (numbers given but doubtful); ``no_hits``, ``nan_times`` (every hit
+had a NaN time or ToT), ``too_few_bins``, ``fit_failed`` (NaN).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import warnings
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import numpy.typing as npt
 from scipy import optimize
 
-from teststand.analysis._grouping import batched_lstsq, grouped_stats
+from teststand.analysis._grouping import batched_lstsq, stats_from_sums
+from teststand.analysis.online import StepAccumulator
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +73,11 @@ P2_BOUNDS_NS = (0.05, 10.0)
 P3_MARGIN_NS = 50.0
 #: Highest polynomial order of the ALICE-style reference fit.
 MAX_POLY_ORDER = 5
+#: Outlier window: half-width (ns) around the reference time of a ToT band, the band width (ns)
+#: and the number of hits a band's reference is taken from (see the module docstring).
+WINDOW_NS = 2.0
+BAND_NS = 1.0
+WINDOW_MIN_HITS = 50
 
 #: One row per (channel, ToT bin) with enough entries: bin edges (ns), number of hits, mean and
 #: variance of ToT in the bin (ns, ns^2), mean of ``t`` (ns), its error and the RMS of ``t`` (ns).
@@ -76,11 +102,13 @@ TIMEWALK_PROFILE_DTYPE = np.dtype(
 #: otherwise; it is ``sum_k poly_coef[k] x**k`` with ``x = (ToT - poly_center_ns) /
 #: poly_scale_ns`` (coefficients in ns, orders above ``poly_order`` zero) and is only used inside
 #: ``[poly_tot_min_ns, poly_tot_max_ns]`` (clamped outside). ``better`` names the model with the
-#: smaller chi2/ndf (``sigmoid`` or ``poly``, empty if neither fitted).
+#: smaller chi2/ndf (``sigmoid`` or ``poly``, empty if neither fitted). ``n_hits`` counts every hit
+#: of the channel, ``n_outliers`` those the outlier window cut.
 TIMEWALK_DTYPE = np.dtype(
     [
         ("channel", "<u2"),
         ("n_hits", "<i8"),
+        ("n_outliers", "<i8"),
         ("n_bins", "<i4"),
         ("tot_min_ns", "<f8"),
         ("tot_max_ns", "<f8"),
@@ -109,6 +137,8 @@ TIMEWALK_DTYPE = np.dtype(
 )
 
 _SIGMOID_FIELDS = ("p0_ns", "p1_ns", "p2_ns", "p3_ns")
+#: Flags of a channel whose sigmoid has numbers (doubtful ones included) that a correction uses.
+SIGMOID_USABLE_FLAGS = ("", "chi2_high", "at_bound", "outliers")
 
 
 def timewalk_sigmoid(
@@ -119,10 +149,14 @@ def timewalk_sigmoid(
     p3: npt.ArrayLike,
 ) -> FloatArray:
     """The PPS walk function ``p0 / (exp((ToT - p1) / p2) + 1) + p3`` (ns); broadcasts."""
-    u = (np.asarray(tot_ns, dtype=np.float64) - p1) / np.asarray(p2, dtype=np.float64)
+    u = (np.asarray(tot_ns, dtype=np.float64) - np.asarray(p1, dtype=np.float64)) / np.asarray(
+        p2, dtype=np.float64
+    )
     # 1 / (exp(u) + 1) written without overflow for large u
     s = 0.5 * (1.0 - np.tanh(0.5 * u))
-    return np.asarray(np.asarray(p0) * s + p3, dtype=np.float64)
+    return np.asarray(
+        np.asarray(p0, dtype=np.float64) * s + np.asarray(p3, dtype=np.float64), dtype=np.float64
+    )
 
 
 def _sigmoid_binned(x: FloatArray, v: FloatArray, p: Sequence[float]) -> FloatArray:
@@ -134,6 +168,196 @@ def _sigmoid_binned(x: FloatArray, v: FloatArray, p: Sequence[float]) -> FloatAr
     return np.asarray(f + 0.5 * f2 * v, dtype=np.float64)
 
 
+def _grouped_median(group: npt.NDArray[np.intp], x: FloatArray, n_groups: int) -> FloatArray:
+    """Median of ``x`` per group (mean of the two middle values for even counts); NaN if empty."""
+    srt = np.lexsort((x, group))
+    xs = x[srt]
+    counts = np.bincount(group, minlength=n_groups)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    out = np.full(n_groups, np.nan)
+    has = counts > 0
+    lo = starts[has] + (counts[has] - 1) // 2
+    hi = starts[has] + counts[has] // 2
+    out[has] = 0.5 * (xs[lo] + xs[hi])
+    return out
+
+
+class TimewalkSums:
+    """Running sums of the ToT profile per (channel row, ToT bin), behind an outlier window.
+
+    Per bin: the number of hits and the sums of ``t - ref`` and its square (``ref`` the reference
+    time of the bin's ToT band) and of ``ToT - lower edge`` and its square. The bins are fixed
+    before any data (``bin_width_ns`` over ``tot_range_ns``). A band's reference is set once, from
+    the median of its first hits (see the module docstring), and is also the shift that keeps the
+    sums free of cancellation. Blocks added in the same order give the same sums.
+
+    Args:
+        n_channels: number of channel rows; :meth:`add` takes row indices ``0 .. n_channels - 1``.
+        bin_width_ns, tot_range_ns: the ToT bins.
+        window_ns: half-width of the outlier window around a band's reference; ``None`` or
+            ``<= 0``: no window (every hit counts).
+        band_ns: width of a band (rounded to whole bins).
+        window_min_hits: hits a band collects before its reference is set.
+    """
+
+    def __init__(
+        self,
+        n_channels: int,
+        *,
+        bin_width_ns: float = 0.1,
+        tot_range_ns: tuple[float, float] = (0.0, 50.0),
+        window_ns: float | None = WINDOW_NS,
+        band_ns: float = BAND_NS,
+        window_min_hits: int = WINDOW_MIN_HITS,
+    ) -> None:
+        lo, hi = float(tot_range_ns[0]), float(tot_range_ns[1])
+        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+            raise ValueError(f"ToT range must be finite with max > min, got ({lo}, {hi})")
+        if not (math.isfinite(bin_width_ns) and bin_width_ns > 0):
+            raise ValueError(f"bin_width_ns must be > 0, got {bin_width_ns}")
+        if not (math.isfinite(band_ns) and band_ns > 0):
+            raise ValueError(f"band_ns must be > 0, got {band_ns}")
+        if window_min_hits < 1:
+            raise ValueError(f"window_min_hits must be >= 1, got {window_min_hits}")
+        self.n_channels = int(n_channels)
+        self.tot_lo = lo
+        self.bin_width = float(bin_width_ns)
+        self.n_bins = int(np.ceil((hi - lo) / self.bin_width))
+        self.tot_hi = hi
+        self.bins_per_band = max(1, int(round(band_ns / self.bin_width)))
+        self.n_bands = -(-self.n_bins // self.bins_per_band)
+        self.window = float(window_ns) if window_ns is not None and window_ns > 0 else None
+        self.window_min_hits = int(window_min_hits)
+        size = self.n_channels * self.n_bins
+        self.n = np.zeros(size, dtype=np.int64)
+        self.s_t = np.zeros(size)
+        self.s_t2 = np.zeros(size)
+        self.s_x = np.zeros(size)
+        self.s_x2 = np.zeros(size)
+        self.ref = np.full(self.n_channels * self.n_bands, np.nan)
+        #: per channel row: hits given, hits with a NaN time or ToT, hits cut by the window
+        self.n_hits = np.zeros(self.n_channels, dtype=np.int64)
+        self.n_nan = np.zeros(self.n_channels, dtype=np.int64)
+        self.n_outliers = np.zeros(self.n_channels, dtype=np.int64)
+        # hits of bands without a reference yet: (row, bin, t, tot)
+        self._buffer: tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], FloatArray, FloatArray]
+        self._buffer = (np.zeros(0, np.intp), np.zeros(0, np.intp), np.zeros(0), np.zeros(0))
+
+    def add(self, row: npt.ArrayLike, t_ns: npt.ArrayLike, tot_ns: npt.ArrayLike) -> None:
+        """Fold a block of hits: channel rows (others are ignored), times and ToT (ns)."""
+        r = np.asarray(row).astype(np.intp, copy=False).ravel()
+        t = np.asarray(t_ns, dtype=np.float64).ravel()
+        tot = np.asarray(tot_ns, dtype=np.float64).ravel()
+        if not r.size == t.size == tot.size:
+            raise ValueError("row, t_ns and tot_ns must have the same length")
+        known = (r >= 0) & (r < self.n_channels)
+        r, t, tot = r[known], t[known], tot[known]
+        self.n_hits += np.bincount(r, minlength=self.n_channels)
+        finite = np.isfinite(t) & np.isfinite(tot)
+        self.n_nan += np.bincount(r[~finite], minlength=self.n_channels)
+        ok = finite & (tot >= self.tot_lo) & (tot < self.tot_hi)
+        r, t, tot = r[ok], t[ok], tot[ok]
+        b = np.minimum(((tot - self.tot_lo) / self.bin_width).astype(np.intp), self.n_bins - 1)
+        g = r * self.n_bands + b // self.bins_per_band
+        has_ref = np.isfinite(self.ref[g])
+        self._fold(self, r[has_ref], b[has_ref], t[has_ref], tot[has_ref], self.ref[g[has_ref]])
+        wait = ~has_ref
+        buf = self._buffer
+        pr = np.concatenate((buf[0], r[wait]))
+        pb = np.concatenate((buf[1], b[wait]))
+        pt = np.concatenate((buf[2], t[wait]))
+        px = np.concatenate((buf[3], tot[wait]))
+        pg = pr * self.n_bands + pb // self.bins_per_band
+        n_groups = self.ref.size
+        ready = np.bincount(pg, minlength=n_groups) >= self.window_min_hits
+        go = ready[pg]
+        if go.any():
+            med = _grouped_median(pg[go], pt[go], n_groups)
+            self.ref[ready] = med[ready]
+            self._fold(self, pr[go], pb[go], pt[go], px[go], self.ref[pg[go]])
+        keep = ~go
+        self._buffer = (pr[keep], pb[keep], pt[keep], px[keep])
+
+    def _fold(
+        self,
+        into: TimewalkSums,
+        r: npt.NDArray[np.intp],
+        b: npt.NDArray[np.intp],
+        t: FloatArray,
+        tot: FloatArray,
+        ref: FloatArray,
+    ) -> None:
+        """Add hits with known band references to the sums of ``into`` (self or a copy)."""
+        d = t - ref
+        if self.window is not None:
+            inside = np.abs(d) <= self.window
+            into.n_outliers += np.bincount(r[~inside], minlength=self.n_channels)
+            r, b, d, tot = r[inside], b[inside], d[inside], tot[inside]
+        size = self.n.size
+        idx = r * self.n_bins + b
+        dx = tot - (self.tot_lo + self.bin_width * b)
+        into.n += np.bincount(idx, minlength=size)
+        into.s_t += np.bincount(idx, d, minlength=size)
+        into.s_t2 += np.bincount(idx, d * d, minlength=size)
+        into.s_x += np.bincount(idx, dx, minlength=size)
+        into.s_x2 += np.bincount(idx, dx * dx, minlength=size)
+
+    def _settled(self) -> TimewalkSums:
+        """The sums with the buffered hits folded in, each waiting band referenced to its own
+        median; ``self`` when nothing waits. ``self`` is not changed."""
+        pr, pb, pt, px = self._buffer
+        if pr.size == 0:
+            return self
+        out = object.__new__(TimewalkSums)
+        out.__dict__.update(self.__dict__)
+        for name in ("n", "s_t", "s_t2", "s_x", "s_x2", "ref", "n_outliers"):
+            setattr(out, name, getattr(self, name).copy())
+        pg = pr * self.n_bands + pb // self.bins_per_band
+        med = _grouped_median(pg, pt, self.ref.size)
+        waiting = np.isfinite(med)
+        out.ref[waiting] = med[waiting]
+        self._fold(out, pr, pb, pt, px, out.ref[pg])
+        out._buffer = (pr[:0], pb[:0], pt[:0], px[:0])
+        return out
+
+    def profile(self, channels: npt.ArrayLike | None = None, min_entries: int = 20) -> np.ndarray:
+        """The profile of every (row, bin) with at least ``min_entries`` hits (and at least 2).
+
+        Args:
+            channels: the channel number of each row (default: the row index).
+            min_entries: bins with fewer hits are left out.
+
+        Returns:
+            A :data:`TIMEWALK_PROFILE_DTYPE` array sorted by channel row and ToT.
+        """
+        s = self._settled()
+        numbers = (
+            np.arange(self.n_channels)
+            if channels is None
+            else np.asarray(channels).astype(np.int64).ravel()
+        )
+        if numbers.size != self.n_channels:
+            raise ValueError(f"expected {self.n_channels} channel numbers, got {numbers.size}")
+        keep = np.flatnonzero(s.n >= max(int(min_entries), 2))
+        b = keep % self.n_bins
+        r = keep // self.n_bins
+        edge = self.tot_lo + self.bin_width * b
+        ref = s.ref[r * self.n_bands + b // self.bins_per_band]
+        st = stats_from_sums(s.n[keep], s.s_t[keep], s.s_t2[keep], ddof=1, shift=ref)
+        sx = stats_from_sums(s.n[keep], s.s_x[keep], s.s_x2[keep], ddof=0, shift=edge)
+        out = np.empty(keep.size, dtype=TIMEWALK_PROFILE_DTYPE)
+        out["channel"] = numbers[r]
+        out["tot_lo_ns"] = edge
+        out["tot_hi_ns"] = edge + self.bin_width
+        out["n"] = st.n
+        out["tot_ns"] = sx.mean
+        out["tot_var_ns2"] = sx.var
+        out["t_ns"] = st.mean
+        out["t_rms_ns"] = np.sqrt(st.var)
+        out["t_err_ns"] = np.sqrt(st.var / st.n)
+        return out
+
+
 def timewalk_profile(
     channel: npt.ArrayLike,
     t_ns: npt.ArrayLike,
@@ -142,49 +366,31 @@ def timewalk_profile(
     bin_width_ns: float = 0.1,
     tot_range_ns: tuple[float, float] = (0.0, 50.0),
     min_entries: int = 20,
+    window_ns: float | None = None,
+    band_ns: float = BAND_NS,
+    window_min_hits: int = WINDOW_MIN_HITS,
 ) -> np.ndarray:
-    """Profile of ``t`` versus ToT per channel: one pass of grouped sums, no loop.
+    """Profile of ``t`` versus ToT per channel: one block of :class:`TimewalkSums`, no loop.
 
     Args:
         channel, t_ns, tot_ns: hit columns (``t_ns`` is the leading time ``t1``).
         bin_width_ns: ToT bin width.
         tot_range_ns: ToT range binned; hits outside it, or with NaN time or ToT, are ignored.
         min_entries: bins with fewer hits are left out.
+        window_ns, band_ns, window_min_hits: the outlier window (default: none), see
+            :class:`TimewalkSums`.
 
     Returns:
         A :data:`TIMEWALK_PROFILE_DTYPE` array sorted by channel and ToT.
     """
     ch = np.asarray(channel).astype(np.int64, copy=False).ravel()
-    t = np.asarray(t_ns, dtype=np.float64).ravel()
-    tot = np.asarray(tot_ns, dtype=np.float64).ravel()
-    lo, hi = tot_range_ns
-    n_tot = int(np.ceil((hi - lo) / bin_width_ns))
-    ok = np.isfinite(t) & np.isfinite(tot) & (tot >= lo) & (tot < hi)
-    ch, t, tot = ch[ok], t[ok], tot[ok]
-    channels, ch_idx = np.unique(ch, return_inverse=True)
-    b = np.minimum(((tot - lo) / bin_width_ns).astype(np.int64), n_tot - 1)
-    idx = ch_idx * n_tot + b
-    n_groups = channels.size * n_tot
-    # Shift by the channel's mean time and the bin's lower edge: no cancellation in the sums.
-    t_shift = np.bincount(ch_idx, t, minlength=channels.size) / np.maximum(
-        np.bincount(ch_idx, minlength=channels.size), 1
-    )
-    t_shift_g = np.repeat(t_shift, n_tot)
-    tot_shift_g = np.tile(lo + bin_width_ns * np.arange(n_tot), channels.size)
-    st = grouped_stats(idx, n_groups, t, ddof=1, shift=t_shift_g)
-    sx = grouped_stats(idx, n_groups, tot, ddof=0, shift=tot_shift_g)
-    keep = np.flatnonzero(st.n >= max(min_entries, 2))
-    out = np.empty(keep.size, dtype=TIMEWALK_PROFILE_DTYPE)
-    out["channel"] = channels[keep // n_tot]
-    out["tot_lo_ns"] = lo + bin_width_ns * (keep % n_tot)
-    out["tot_hi_ns"] = out["tot_lo_ns"] + bin_width_ns
-    out["n"] = st.n[keep]
-    out["tot_ns"] = sx.mean[keep]
-    out["tot_var_ns2"] = sx.var[keep]
-    out["t_ns"] = st.mean[keep]
-    out["t_rms_ns"] = np.sqrt(st.var[keep])
-    out["t_err_ns"] = np.sqrt(st.var[keep] / st.n[keep])
-    return out
+    channels, rows = np.unique(ch, return_inverse=True)
+    sums = TimewalkSums(
+        channels.size, bin_width_ns=bin_width_ns, tot_range_ns=tot_range_ns,
+        window_ns=window_ns, band_ns=band_ns, window_min_hits=window_min_hits,
+    )  # fmt: skip
+    sums.add(rows.ravel(), t_ns, tot_ns)
+    return sums.profile(channels, min_entries)
 
 
 def _initial_guesses(x: FloatArray, y: FloatArray) -> list[list[float]]:
@@ -466,6 +672,41 @@ def _fit_polynomials(
     out["poly_tot_max_ns"][fitted] = hi[fitted]
 
 
+def _channel_table(
+    wanted: npt.ArrayLike,
+    fitted: np.ndarray,
+    n_hits: npt.ArrayLike,
+    n_nan: npt.ArrayLike,
+    n_outliers: npt.ArrayLike,
+    max_outlier_fraction: float,
+) -> np.ndarray:
+    """One :data:`TIMEWALK_DTYPE` row per ``wanted`` channel: the fit where there is one, the
+    reason where there is none; ``n_hits``, ``n_nan``, ``n_outliers`` are per wanted channel."""
+    wanted = np.asarray(wanted, dtype=np.int64)
+    out = np.zeros(wanted.size, dtype=TIMEWALK_DTYPE)
+    for name in out.dtype.names or ():
+        if out.dtype[name].kind == "f":
+            out[name] = np.nan
+    out["channel"] = wanted
+    out["flag"] = "no_hits"
+    pos = np.searchsorted(wanted, fitted["channel"])
+    inside = (pos < wanted.size) & (wanted[np.minimum(pos, wanted.size - 1)] == fitted["channel"])
+    out[pos[inside]] = fitted[inside]
+    hits = np.asarray(n_hits, dtype=np.int64)
+    nan = np.asarray(n_nan, dtype=np.int64)
+    cut = np.asarray(n_outliers, dtype=np.int64)
+    out["n_hits"] = hits
+    out["n_outliers"] = cut
+    unfitted = out["flag"] == "no_hits"
+    # Channels with hits but no profile bin with enough entries: say why.
+    out["flag"][unfitted & (hits > 0) & (nan == hits)] = "nan_times"
+    out["flag"][unfitted & (hits > 0) & (nan < hits)] = "too_few_bins"
+    with np.errstate(invalid="ignore", divide="ignore"):
+        many = cut > max_outlier_fraction * np.maximum(hits - nan, 1)
+    out["flag"][(out["flag"] == "") & many] = "outliers"
+    return out
+
+
 def fit_timewalk(
     channel: npt.ArrayLike,
     t_ns: npt.ArrayLike,
@@ -478,8 +719,15 @@ def fit_timewalk(
     max_chi2ndf: float = 2.0,
     min_bins: int = 8,
     max_trim_fraction: float = 0.5,
+    window_ns: float | None = WINDOW_NS,
+    band_ns: float = BAND_NS,
+    window_min_hits: int = WINDOW_MIN_HITS,
+    max_outlier_fraction: float = 0.01,
 ) -> np.ndarray:
     """Time-walk calibration from hit columns: profile, sigmoid and polynomial per channel.
+
+    The hits are one block of :class:`TimewalkSums`; :class:`TimewalkAccumulator` fed the same
+    hits as one step gives the same table, and fed them step by step the same to rounding.
 
     Args:
         channel, t_ns, tot_ns: hit columns (``t1`` and ``tot`` of the HPTDC hits).
@@ -488,35 +736,156 @@ def fit_timewalk(
         bin_width_ns, tot_range_ns, min_entries: profile binning, see :func:`timewalk_profile`.
         max_chi2ndf, min_bins, max_trim_fraction: fit-range choice, see
             :func:`fit_timewalk_profile`.
+        window_ns, band_ns, window_min_hits: the outlier window (``None``: none), see
+            :class:`TimewalkSums`.
+        max_outlier_fraction: a fitted channel with more of its hits cut is flagged ``outliers``.
 
     Returns:
         A :data:`TIMEWALK_DTYPE` array, one row per channel, sorted by channel.
     """
     ch = np.asarray(channel).astype(np.int64, copy=False).ravel()
-    profile = timewalk_profile(
-        ch, t_ns, tot_ns, bin_width_ns=bin_width_ns, tot_range_ns=tot_range_ns,
-        min_entries=min_entries,
+    wanted = np.unique(ch) if channels is None else np.unique(np.asarray(channels, dtype=np.int64))
+    rows = np.full(ch.size, -1, dtype=np.intp)
+    if wanted.size:
+        pos = np.clip(np.searchsorted(wanted, ch), 0, wanted.size - 1)
+        rows = np.where(wanted[pos] == ch, pos, -1).astype(np.intp)
+    sums = TimewalkSums(
+        wanted.size, bin_width_ns=bin_width_ns, tot_range_ns=tot_range_ns, window_ns=window_ns,
+        band_ns=band_ns, window_min_hits=window_min_hits,
     )  # fmt: skip
+    sums.add(rows, t_ns, tot_ns)
+    return _fit_sums(
+        sums, wanted, min_entries=min_entries, max_chi2ndf=max_chi2ndf, min_bins=min_bins,
+        max_trim_fraction=max_trim_fraction, max_outlier_fraction=max_outlier_fraction,
+    )  # fmt: skip
+
+
+def _fit_sums(
+    sums: TimewalkSums,
+    channels: npt.NDArray[np.int64],
+    *,
+    min_entries: int,
+    max_chi2ndf: float,
+    min_bins: int,
+    max_trim_fraction: float,
+    max_outlier_fraction: float,
+) -> np.ndarray:
+    """The per-channel table from the sums (``channels``: the channel number of each row),
+    sorted by channel."""
+    settled = sums._settled()
+    profile = settled.profile(channels, min_entries)
     fitted = fit_timewalk_profile(
         profile, max_chi2ndf=max_chi2ndf, min_bins=min_bins, max_trim_fraction=max_trim_fraction
     )
-    wanted = np.unique(ch) if channels is None else np.unique(np.asarray(channels, dtype=np.int64))
-    out = np.zeros(wanted.size, dtype=TIMEWALK_DTYPE)
-    for name in out.dtype.names or ():
-        if out.dtype[name].kind == "f":
-            out[name] = np.nan
-    out["channel"] = wanted
-    out["flag"] = "no_hits"
-    mine = ch[np.isin(ch, wanted)]
-    out["n_hits"] = np.bincount(np.searchsorted(wanted, mine), minlength=wanted.size)
-    pos = np.searchsorted(wanted, fitted["channel"])
-    inside = (pos < wanted.size) & (wanted[np.minimum(pos, wanted.size - 1)] == fitted["channel"])
-    n_hits = out["n_hits"].copy()
-    out[pos[inside]] = fitted[inside]
-    out["n_hits"] = n_hits
-    # Channels with hits but no profile bin with enough entries.
-    out["flag"][(out["flag"] == "no_hits") & (n_hits > 0)] = "too_few_bins"
-    return out
+    order = np.argsort(channels, kind="stable")
+    return _channel_table(
+        channels[order], fitted, settled.n_hits[order], settled.n_nan[order],
+        settled.n_outliers[order], max_outlier_fraction,
+    )  # fmt: skip
+
+
+class TimewalkAccumulator(StepAccumulator):
+    """The ``timewalk`` method, online and offline: profile sums per (channel, ToT bin).
+
+    At each step end the step's hits (``channel``, ``t1``, ``tot``) are folded into
+    :class:`TimewalkSums` over bins fixed by the parameters; :meth:`fit` builds the profile and
+    fits the sigmoid and the polynomial per channel (:func:`fit_timewalk_profile`). Parameters
+    (all floats, for ``--param``): the ToT bins ``bin_width_ns`` over ``tot_min_ns ..
+    tot_max_ns``; ``min_entries`` per bin; the fit-range choice ``max_chi2ndf``, ``min_bins``,
+    ``max_trim_fraction``; the outlier window ``window_ns`` (``<= 0``: none), ``band_ns``,
+    ``window_min_hits`` and ``max_outlier_fraction``.
+
+    The result is a :data:`TIMEWALK_DTYPE` table, one row per channel of the run's channel table
+    (sorted by channel); it is also the constants table that :func:`correct_timewalk` and the
+    ``resolution`` method apply.
+    """
+
+    method: ClassVar[str] = "timewalk"
+    defaults: ClassVar[Mapping[str, Any]] = {
+        "bin_width_ns": 0.1,
+        "tot_min_ns": 0.0,
+        "tot_max_ns": 50.0,
+        "min_entries": 20.0,
+        "max_chi2ndf": 2.0,
+        "min_bins": 8.0,
+        "max_trim_fraction": 0.5,
+        "window_ns": WINDOW_NS,
+        "band_ns": BAND_NS,
+        "window_min_hits": float(WINDOW_MIN_HITS),
+        "max_outlier_fraction": 0.01,
+    }
+    json_keys: ClassVar[Mapping[str, str]] = {
+        "p0_ns": "p0_ns",
+        "p1_ns": "p1_ns",
+        "p2_ns": "p2_ns",
+        "p3_ns": "p3_ns",
+        "p0_err_ns": "p0_err_ns",
+        "p1_err_ns": "p1_err_ns",
+        "p2_err_ns": "p2_err_ns",
+        "p3_err_ns": "p3_err_ns",
+        "better": "better",
+    }
+
+    def __init__(self, channels: npt.NDArray[Any], axes: Sequence[str], **params: Any) -> None:
+        super().__init__(channels, axes, **params)
+        p = {k: float(v) for k, v in self.params.items()}
+        self.params = p
+        for name in ("min_entries", "min_bins", "window_min_hits"):
+            if not (p[name] >= 1 and float(p[name]).is_integer()):
+                raise ValueError(f"{name} must be a whole number >= 1, got {p[name]}")
+        if not 0.0 <= p["max_trim_fraction"] < 1.0:
+            raise ValueError(f"max_trim_fraction must be in [0, 1), got {p['max_trim_fraction']}")
+        if not p["max_chi2ndf"] > 0:
+            raise ValueError(f"max_chi2ndf must be > 0, got {p['max_chi2ndf']}")
+        table = np.asarray(self.channels["channel"]).astype(np.int64)
+        self._order = np.argsort(table, kind="stable")
+        self._sorted = table[self._order]
+        self.sums = TimewalkSums(
+            self.n_channels,
+            bin_width_ns=p["bin_width_ns"],
+            tot_range_ns=(p["tot_min_ns"], p["tot_max_ns"]),
+            window_ns=p["window_ns"],
+            band_ns=p["band_ns"],
+            window_min_hits=int(p["window_min_hits"]),
+        )
+        self._last: np.ndarray | None = None
+
+    def _rows(self, channel: npt.ArrayLike) -> npt.NDArray[np.intp]:
+        """Row in the channel table of every hit's channel; -1 for channels not in it."""
+        ch = np.asarray(channel).astype(np.int64)
+        if self._sorted.size == 0:
+            return np.full(ch.shape, -1, dtype=np.intp)
+        pos = np.clip(np.searchsorted(self._sorted, ch), 0, self._sorted.size - 1)
+        return np.where(self._sorted[pos] == ch, self._order[pos], -1).astype(np.intp)
+
+    def reduce_step(self, step: int, row: Mapping[str, Any], hits: npt.NDArray[Any]) -> None:
+        """Fold the step's hits into the profile sums."""
+        if hits.size:
+            self.sums.add(self._rows(hits["channel"]), hits["t1"], hits["tot"])
+
+    def fit(self) -> np.ndarray:
+        """Sigmoid and polynomial per channel of the channel table, from the sums so far."""
+        p = self.params
+        table = _fit_sums(
+            self.sums,
+            np.asarray(self.channels["channel"]).astype(np.int64),
+            min_entries=int(p["min_entries"]),
+            max_chi2ndf=p["max_chi2ndf"],
+            min_bins=int(p["min_bins"]),
+            max_trim_fraction=p["max_trim_fraction"],
+            max_outlier_fraction=p["max_outlier_fraction"],
+        )
+        self._last = table
+        return table
+
+    def attrs(self) -> dict[str, Any]:
+        """How many channels each model describes better, and the hits cut as outliers."""
+        table = self._last if self._last is not None else self.fit()
+        return {
+            "n_better_sigmoid": int(np.sum(table["better"] == "sigmoid")),
+            "n_better_poly": int(np.sum(table["better"] == "poly")),
+            "n_outliers": int(table["n_outliers"].sum()),
+        }
 
 
 def _rows_for(channel: npt.ArrayLike, constants: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -542,30 +911,46 @@ def evaluate_timewalk(
     ``poly`` evaluates the polynomial with ToT clamped to its fit range; ``better`` takes, per
     channel, the model named in ``better``. NaN for channels without usable constants.
     """
-    row, known = _rows_for(channel, constants)
-    c = np.atleast_1d(constants)[row]
-    tot = np.asarray(tot_ns, dtype=np.float64)
-    # Rows without constants hold NaN: they compute NaN quietly and are masked below.
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        sig = timewalk_sigmoid(tot, c["p0_ns"], c["p1_ns"], c["p2_ns"], c["p3_ns"])
-        x = np.clip(tot, c["poly_tot_min_ns"], c["poly_tot_max_ns"])
-        x = (x - c["poly_center_ns"]) / c["poly_scale_ns"]
-        poly = np.zeros_like(x)
-        for k in range(MAX_POLY_ORDER, -1, -1):  # Horner; unused orders have zero coefficients
-            poly = poly * x + c["poly_coef"][..., k]
-    if method == "sigmoid":
-        f = sig
-        ok = np.isin(c["flag"], ("", "chi2_high", "at_bound"))
-    elif method == "poly":
-        f = poly
-        ok = c["poly_order"] > 0
-    elif method == "better":
-        use_poly = c["better"] == "poly"
-        f = np.where(use_poly, poly, sig)
-        ok = c["better"] != ""
-    else:
+    if method not in ("sigmoid", "poly", "better"):
         raise ValueError(f"method must be 'sigmoid', 'poly' or 'better', got {method!r}")
-    return np.where(known & ok, f, np.nan)
+    ch_b, tot_b = np.broadcast_arrays(np.asarray(channel), np.asarray(tot_ns, dtype=np.float64))
+    out = np.full(tot_b.shape, np.nan)
+    table = np.atleast_1d(constants)
+    if table.size == 0:
+        return out
+    # Per row of the constants first, then gathered field by field for the hits: no per-hit copy
+    # of whole constants rows.
+    if method == "sigmoid":
+        ok_row = np.isin(table["flag"], SIGMOID_USABLE_FLAGS)
+        poly_row = np.zeros(table.size, dtype=bool)
+    elif method == "poly":
+        ok_row = table["poly_order"] > 0
+        poly_row = np.ones(table.size, dtype=bool)
+    else:
+        ok_row = table["better"] != ""
+        poly_row = table["better"] == "poly"
+    row, known = _rows_for(ch_b, table)
+    good = known & ok_row[row]
+    r = row[good]
+    x = tot_b[good]
+    use_poly = poly_row[r]
+    f = np.empty(r.size)
+    # Rows without usable numbers (NaN) are masked above; NaN ToT stays NaN quietly.
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        rs, xs = r[~use_poly], x[~use_poly]
+        f[~use_poly] = timewalk_sigmoid(
+            xs, table["p0_ns"][rs], table["p1_ns"][rs], table["p2_ns"][rs], table["p3_ns"][rs]
+        )
+        rp = r[use_poly]
+        xp = np.clip(x[use_poly], table["poly_tot_min_ns"][rp], table["poly_tot_max_ns"][rp])
+        xp = (xp - table["poly_center_ns"][rp]) / table["poly_scale_ns"][rp]
+        coef = table["poly_coef"]
+        poly = np.zeros_like(xp)
+        for k in range(MAX_POLY_ORDER, -1, -1):  # Horner; unused orders have zero coefficients
+            poly = poly * xp + coef[rp, k]
+        f[use_poly] = poly
+    out[good] = f
+    return out
 
 
 def correct_timewalk(
@@ -591,11 +976,12 @@ def correct_timewalk(
     t = np.asarray(t_ns, dtype=np.float64)
     if not keep_offset:
         return np.asarray(t - f, dtype=np.float64)
-    row, _ = _rows_for(channel, constants)
-    c = np.atleast_1d(constants)[row]
+    table = np.atleast_1d(constants)
+    row, _ = _rows_for(channel, table)
+    p3 = table["p3_ns"][row]
     if method == "sigmoid":
-        offset = c["p3_ns"]
+        offset = p3
     else:
-        top = evaluate_timewalk(channel, c["poly_tot_max_ns"], constants, method="poly")
-        offset = top if method == "poly" else np.where(c["better"] == "poly", top, c["p3_ns"])
+        top = evaluate_timewalk(channel, table["poly_tot_max_ns"][row], table, method="poly")
+        offset = top if method == "poly" else np.where(table["better"][row] == "poly", top, p3)
     return np.asarray(t - f + offset, dtype=np.float64)
