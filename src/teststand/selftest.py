@@ -45,20 +45,6 @@ class SelftestReport:
         return bool(self.checks) and all(c.passed for c in self.checks)
 
 
-def _acquire(readout: Any, n_triggers: int) -> np.ndarray:
-    readout.start_acquisition(n_triggers)
-    blocks = []
-    while True:
-        done = readout.acquisition_done
-        block = readout.fetch_hits()
-        if block.size:
-            blocks.append(block)
-        elif done:
-            break
-    readout.stop_acquisition()
-    return np.concatenate(blocks) if blocks else block
-
-
 def run_selftest(
     stand: StandFile, *, seed: int | None = None, n_triggers: int = 200
 ) -> SelftestReport:
@@ -128,7 +114,7 @@ def _checks(station: Station, check: Callable[[str, str, Callable[[], str]], Non
         laser.output_enabled = False
         if dac is not None:
             dac.safe_state()
-        hits = _acquire(readout, n)
+        hits = readout.acquire(n)
         # With the thresholds at the code that stops triggering nothing may fire; a bench with
         # fixed thresholds (HPTDC) keeps a small noise rate, at most 1 % of the gates.
         allowed = 0 if dac is not None else int(0.01 * n * n_channels)
@@ -148,7 +134,7 @@ def _checks(station: Station, check: Callable[[str, str, Callable[[], str]], Non
             laser.fibre_channel = 0
             laser.intensity = 60.0
             laser.output_enabled = True
-        hits = _acquire(readout, n)
+        hits = readout.acquire(n)
         laser.output_enabled = False
         if dac is not None:
             dac.safe_state()

@@ -104,6 +104,14 @@ class FakeReadout(FakeInstrument):
         out, self._pending = self._pending, empty_hits(0)
         return out
 
+    def iter_blocks(self, n, *, check=None):
+        self.start_acquisition(n)
+        if check is not None:
+            check()
+        block = self.fetch_hits()
+        if block.size:
+            yield block
+
     def stop_acquisition(self) -> None:
         self.acquiring = False
 

@@ -14,6 +14,8 @@ Acquisition protocol (both readouts):
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -145,6 +147,37 @@ class Readout(Instrument):
                     command,
                 )
         return hits
+
+    def iter_blocks(
+        self,
+        n_triggers: int,
+        *,
+        check: Callable[[], None] | None = None,
+        poll_s: float = 0.001,
+    ) -> Iterator[np.ndarray]:
+        """Take ``n_triggers`` triggers and yield the hits block by block as they arrive.
+
+        ``check`` is called before every poll (the engine raises from it to abort). The
+        acquisition is left armed; :meth:`stop_acquisition` or :meth:`safe_state` stops it.
+        """
+        self.start_acquisition(n_triggers)
+        while True:
+            if check is not None:
+                check()
+            done = self.acquisition_done
+            block = self.fetch_hits()
+            if block.size:
+                yield block
+            elif done:
+                return
+            else:
+                time.sleep(poll_s)
+
+    def acquire(self, n_triggers: int) -> np.ndarray:
+        """Take ``n_triggers`` triggers and return all their hits; the acquisition is stopped."""
+        blocks = list(self.iter_blocks(n_triggers))
+        self.stop_acquisition()
+        return np.concatenate(blocks) if blocks else np.zeros(0, dtype=HIT_DTYPE)
 
     def safe_state(self) -> None:
         """Stop the acquisition (read back)."""

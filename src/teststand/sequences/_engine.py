@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .. import __version__
+from ..core.hits import HIT_DTYPE
 from ..errors import RunAborted, TeststandError
 from ._messages import Msg, Plan
 
@@ -37,10 +38,9 @@ Subscriber = Callable[[str, dict[str, Any]], None]
 class Readout(Protocol):
     """What the engine needs of a readout driver."""
 
-    def start_acquisition(self, n_triggers: int) -> None: ...
-    def fetch_hits(self) -> np.ndarray: ...
-    @property
-    def acquisition_done(self) -> bool: ...
+    def iter_blocks(
+        self, n_triggers: int, *, check: Callable[[], None] | None = None
+    ) -> Iterator[np.ndarray]: ...
 
 
 @dataclass
@@ -341,27 +341,18 @@ class RunEngine:
         kept: list[np.ndarray] = []
         while remaining > 0:
             n = min(remaining, self.block_triggers)
-            readout.start_acquisition(n)
-            while True:
-                self._check_abort()
-                done = readout.acquisition_done
-                block = readout.fetch_hits()
-                if block.size:
-                    block["event"] += np.uint64(run.event_base)
-                    run.step_hits += int(block.size)
-                    self._emit("hits", {"index": run.next_index, "hits": block})
-                    if keep:
-                        kept.append(block)
-                elif done:
-                    break
-                else:
-                    time.sleep(0.001)
+            for block in readout.iter_blocks(n, check=self._check_abort):
+                block["event"] += np.uint64(run.event_base)
+                run.step_hits += int(block.size)
+                self._emit("hits", {"index": run.next_index, "hits": block})
+                if keep:
+                    kept.append(block)
             run.event_base += n
             run.step_triggers += n
             remaining -= n
         if not keep:
             return None
-        return np.concatenate(kept) if kept else readout.fetch_hits()[:0]
+        return np.concatenate(kept) if kept else np.zeros(0, dtype=HIT_DTYPE)
 
     def _close_step(self, run: _RunState) -> None:
         if not run.step_open:
