@@ -210,3 +210,44 @@ def test_online_equals_offline_for_timewalk_and_resolution(tmp_path):
     )
     assert res.analysis.method == "resolution"
     assert np.all(np.isfinite(res.analysis.table["sigma_ps"]))
+
+
+def test_calibration_chain_through_the_command_line(tmp_path, capsys):
+    """awc-calibration -> constants file -> awc-validation and timing-alignment with them."""
+    cal = tmp_path / "cal.toml"
+    cal.write_text(
+        'kind = "awc_calibration"\n[parameters]\nbars = [1, 6]\n'
+        "intensities_pct = [30.0, 45.0, 60.0, 80.0, 100.0]\n"
+        "thr2_uA = {start = 5.0, stop = 10.5, step = 0.3125}\nn_pulses = 300\n"
+        "baseline_scan = {start = 0, stop = 35, step = 1}\n"
+    )
+    constants = tmp_path / "awc.json"
+    args = ["--out", str(tmp_path), "--seed", "9", "--no-progress"]
+    assert cli.main(["run", str(cal), *args, "--export-constants", str(constants)]) == 0
+    table = load_constants(constants, "awc").table
+    lit = np.isin(table["channel"], [1, 6, 17, 22])
+    assert np.all(np.isfinite(table["awc_uA"][lit])) and np.all(np.isfinite(table["baseline_code"]))
+    val = tmp_path / "val.toml"
+    val.write_text(
+        'kind = "awc_validation"\n[parameters]\nintensities_pct = [25.0, 50.0, 100.0]\n'
+        "n_pulses = 300\n"
+    )
+    capsys.readouterr()
+    assert cli.main(["run", str(val), *args, "--constants", str(constants)]) == 0
+    out = capsys.readouterr().out
+    assert "analysis: awc_validation" in out and "residual_walk_ns" in out
+    run_file = out.split("run file: ")[1].split()[0]
+    with RunFile(run_file) as run:
+        assert "baseline_codes taken from constants" in run.recipe_text
+        assert run.steps.size == 3, "no noise scan: the baselines came with the constants"
+        table, attrs = run.analysis("awc_validation")
+        assert attrs["constants_run_id"] and attrs["online"]
+    align = tmp_path / "align.toml"
+    align.write_text(
+        'kind = "timing_alignment"\n[parameters]\nintensities_pct = [60.0]\nn_pulses = 500\n'
+    )
+    assert cli.main(["run", str(align), *args, "--constants", str(constants)]) == 0
+    out = capsys.readouterr().out
+    assert "analysis: offsets" in out and "offset_ns" in out
+    # a method that applies no constants refuses them before touching an instrument
+    assert cli.main(["run", str(cal), *args, "--constants", str(constants)]) == 2

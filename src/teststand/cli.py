@@ -210,19 +210,25 @@ def _fmt(value: Any) -> str:
 
 # -- commands ----------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
+    from .methods import load_constants_for, method_for
     from .runner import prepare_run
+    from .sequences import load_recipe
 
-    prepared = prepare_run(args.recipe, args.stand, args.out, seed=args.seed)
+    constants = None
+    if args.constants is not None:
+        method = method_for(load_recipe(args.recipe).kind, None)
+        constants = load_constants_for(method, args.constants)
+    prepared = prepare_run(args.recipe, args.stand, args.out, seed=args.seed, constants=constants)
     handler = _setup_logging(args.verbose, prepared.log_path)
     try:
-        return _run_prepared(prepared, args)
+        return _run_prepared(prepared, args, constants)
     finally:
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
 
 
-def _run_prepared(prepared: Any, args: argparse.Namespace) -> int:
+def _run_prepared(prepared: Any, args: argparse.Namespace, constants: Any) -> int:
     from .runner import execute
 
     meta = prepared.metadata
@@ -246,10 +252,9 @@ def _run_prepared(prepared: Any, args: argparse.Namespace) -> int:
     subscribers = [] if args.no_progress else [Progress(label=sim_tag)]
     online = None
     if not args.no_analysis:
-        from .methods import OnlineAnalysis, load_constants_for, method_for
+        from .methods import OnlineAnalysis
 
-        method = method_for(meta.kind, None)
-        online = OnlineAnalysis(constants=load_constants_for(method, args.constants))
+        online = OnlineAnalysis(constants=constants)
     previous: dict[int, Any] = {}
 
     def on_engine(engine: Any, station: Any) -> None:

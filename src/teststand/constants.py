@@ -50,11 +50,12 @@ class Constants:
         return str(self.meta.get("run_id", ""))
 
 
-def _plain(value: Any) -> Any:
+def plain_json(value: Any) -> Any:
+    """``value`` with numpy types as plain Python and NaN/inf as ``None`` (strict JSON)."""
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_json(v) for v in value]
     if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
+        return [plain_json(v) for v in value.tolist()]
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else None
     if isinstance(value, (bool, np.bool_)):
@@ -66,7 +67,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.decode()
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain_json(v) for k, v in value.items()}
     return value
 
 
@@ -76,7 +77,7 @@ def table_to_json(table: NDArray[Any]) -> dict[str, Any]:
     for name in table.dtype.names or ():
         base, shape = table.dtype[name].base, table.dtype[name].shape
         fields.append([name, base.str, list(shape)])
-    rows = [[_plain(row[name]) for name in table.dtype.names or ()] for row in table]
+    rows = [[plain_json(row[name]) for name in table.dtype.names or ()] for row in table]
     return {"fields": fields, "rows": rows}
 
 
@@ -129,8 +130,8 @@ def export_constants(
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "valid_from": valid_from,
         "valid_until": valid_until,
-        "parameters": _plain(parameters or {}),
-        "attrs": _plain(attrs or {}),
+        "parameters": plain_json(parameters or {}),
+        "attrs": plain_json(attrs or {}),
         "table": table_to_json(table),
     }
     payload["sha256"] = _checksum(payload)

@@ -156,6 +156,8 @@ def load_constants_for(method: str, path: str | None) -> Constants | None:
     if path is None:
         return None
     needs = METHODS[method][2]
+    if needs is None:
+        raise UserInputError(f"--constants {path}: method {method!r} applies no constants")
     return load_constants(path, needs)
 
 

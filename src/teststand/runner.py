@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__
+from .constants import Constants, plain_json
 from .errors import UserInputError
 from .methods import MethodResult, OnlineAnalysis
 from .sequences import Recipe, RunEngine, RunMetadata, RunResult, Subscriber, load_recipe
@@ -51,7 +54,12 @@ class RunOutcome:
 
 
 def prepare_run(
-    recipe_spec: str, stand_spec: str, out_dir: str | Path, *, seed: int | None = None
+    recipe_spec: str,
+    stand_spec: str,
+    out_dir: str | Path,
+    *,
+    seed: int | None = None,
+    constants: Constants | None = None,
 ) -> PreparedRun:
     """Validate recipe and stand (no instrument is touched) and choose the run file's name.
 
@@ -60,6 +68,8 @@ def prepare_run(
     """
     recipe = load_recipe(recipe_spec)
     stand = load_stand(stand_spec)
+    if constants is not None:
+        recipe = _baselines_from(recipe, stand, constants)
     # Build the plan once against the stand file alone: what can be checked without instruments
     # (stand kind, bars, ...) fails here, before connecting.
     recipe.build_plan(stand.info(lsb_uA=0.3125, max_code=63)).close()
@@ -85,6 +95,27 @@ def prepare_run(
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_path = out / f"{stamp}_{recipe.name}_{metadata.run_id}.h5"
     return PreparedRun(recipe, stand, run_path, metadata)
+
+
+def _baselines_from(recipe: Recipe, stand: StandFile, constants: Constants) -> Recipe:
+    """Set the thresholds from the baselines the constants were made with.
+
+    AWC constants hold for the codes the calibration set; a later run that measured its own
+    baselines could round a channel to the neighbouring code. So a run that applies constants
+    and gives no baselines of its own takes theirs.
+    """
+    table = constants.table
+    if "baseline_code" not in (table.dtype.names or ()):
+        return recipe
+    by_channel = {
+        int(c): float(b) for c, b in zip(table["channel"], table["baseline_code"], strict=True)
+    }
+    channels = [int(c) for c in stand.config.channel_table()["channel"]]
+    codes = [by_channel.get(c, float("nan")) for c in channels]
+    if not all(np.isfinite(codes)):
+        return recipe
+    log.info("thresholds set from the baselines of constants %s", constants.path)
+    return recipe.with_baselines(codes, f"constants {constants.path} (run {constants.run_id})")
 
 
 def execute(
@@ -143,7 +174,7 @@ def write_method_result(path: Path, result: MethodResult, *, online: bool = Fals
         result.table,
         {
             "method": result.method,
-            "parameters": json.dumps(result.parameters, default=str),
+            "parameters": json.dumps(plain_json(result.parameters), allow_nan=False),
             "software_version": __version__,
             "online": online,
             "n_steps": result.n_steps,
@@ -162,6 +193,11 @@ def run_recipe(
     on_engine: Callable[[RunEngine, Station], None] | None = None,
     online: OnlineAnalysis | None = None,
 ) -> RunOutcome:
-    """Validate, connect, run and record ``recipe_spec`` on ``stand_spec`` (see :func:`execute`)."""
-    prepared = prepare_run(recipe_spec, stand_spec, out_dir, seed=seed)
+    """Validate, connect, run and record ``recipe_spec`` on ``stand_spec`` (see :func:`execute`).
+
+    The constants ``online`` applies (if any) also set the thresholds' baselines (see
+    :func:`prepare_run`).
+    """
+    constants = online.constants if online is not None else None
+    prepared = prepare_run(recipe_spec, stand_spec, out_dir, seed=seed, constants=constants)
     return execute(prepared, subscribers=subscribers, on_engine=on_engine, online=online)

@@ -192,7 +192,13 @@ class StandFile:
         """True for a simulated stand."""
         return self.config.simulation is not None
 
-    def info(self, *, lsb_uA: float | None = None, max_code: int | None = None) -> StandInfo:
+    def info(
+        self,
+        *,
+        lsb_uA: float | None = None,
+        max_code: int | None = None,
+        dac_channels: int | None = None,
+    ) -> StandInfo:
         """What the plans need to know about the stand."""
         return StandInfo(
             name=self.config.name,
@@ -201,6 +207,7 @@ class StandFile:
             instruments=tuple(self.config.instruments),
             lsb_uA=lsb_uA,
             max_code=max_code,
+            dac_channels=dac_channels,
         )
 
 
@@ -391,6 +398,7 @@ def connect(stand: StandFile, *, seed: int | None = None) -> Station:
     info = stand.info(
         lsb_uA=None if dac is None else float(dac.lsb_uA),
         max_code=None if dac is None else int(dac.max_code),
+        dac_channels=None if dac is None else int(dac.n_channels),
     )
     log.info("connected stand %s (%s)", cfg.name, "SIMULATED" if stand.simulated else "real")
     return Station(stand, instruments, info, model=model, seed=seed, _closers=closers)

@@ -11,9 +11,11 @@ from teststand.analysis.offsets import (
     BOARD_DTYPE,
     BOARD_FIT_DTYPE,
     OFFSET_DTYPE,
+    OffsetsAccumulator,
     channel_offsets,
     clipped_mean,
 )
+from teststand.analysis.walk import AWC_DTYPE
 from teststand.core.hits import HIT_DTYPE
 from teststand.sim.physics import (
     CHANNEL_DTYPE,
@@ -22,6 +24,7 @@ from teststand.sim.physics import (
     AcquisitionState,
     HptdcModel,
     TofhirModel,
+    awc_truth,
     demo_tofhir_channels,
 )
 
@@ -213,3 +216,84 @@ def test_clipped_mean_ignores_a_few_wild_values(seed: int, n: int, outliers: int
     assert count[0] >= n - outliers - max(1, n // 50)
     assert abs(mean[0] - plain_mean) < 5 * err[0]
     assert 0.05 < rms[0] < 0.2
+
+
+# ------------------------------------------------------------------------------------------------
+# the accumulator (online and offline)
+
+
+def feed_steps(acc: OffsetsAccumulator, hits: np.ndarray, n_steps: int = 3) -> OffsetsAccumulator:
+    """Hits split into laser steps at event boundaries (a laser-off step first, ignored)."""
+    events = np.unique(hits["event"])
+    cuts = np.searchsorted(hits["event"], events[:: -(-events.size // n_steps)][1:])
+    acc.add_hits(0, hits[:200])
+    acc.end_step(0, {"index": 0, "laser": 0.0, "thr1": np.nan, "thr2": np.nan})
+    for i, block in enumerate(np.split(hits, cuts), start=1):
+        acc.add_hits(i, block)
+        acc.end_step(i, {"index": i, "laser": 1.0, "thr1": 6.0, "thr2": 10.0625})
+    return acc
+
+
+def test_accumulator_matches_channel_offsets(hptdc_run: tuple) -> None:
+    """Step by step with a fixed window, the accumulator gives the offsets of the one-pass
+    clipped mean (on clean data the two robust schemes keep the same differences)."""
+    model, table, hits, t = hptdc_run
+    h = hits.copy()
+    h["t1"] = t
+    acc = feed_steps(OffsetsAccumulator(table, ["laser", "thr1", "thr2"]), h)
+    out = acc.fit()
+    one_pass = channel_offsets(hits["event"], hits["channel"], t, table, reference=0)
+    ref = one_pass.channels
+    assert out.dtype == OFFSET_DTYPE
+    np.testing.assert_allclose(out["offset_ns"], ref["offset_ns"], atol=2e-4)
+    np.testing.assert_allclose(out["offset_err_ns"], ref["offset_err_ns"], rtol=0.05)
+    assert out["flag"][0] == "reference|walk_not_removed"
+    assert all(f == "walk_not_removed" for f in out["flag"][1:])
+    attrs = acc.attrs()
+    assert attrs["walk_removed"] is False and attrs["reference"] == 0
+    assert attrs["board_slope_ns"] == pytest.approx(one_pass.board_fit["slope_ns"][0], abs=1e-4)
+    np.testing.assert_allclose(out["residual_ns"], ref["residual_ns"], atol=2e-4)
+    assert acc.json_rows(out)[1].keys() == {"channel", "offset_ns", "flag"}
+
+
+def test_accumulator_applies_awc_constants() -> None:
+    """With constants, the times are walk-corrected before the differences: at one intensity
+    the offsets are then the walk-free ones (what the integration tests check against truth)."""
+    table = demo_tofhir_channels(4, bars_per_board=2)
+    model = TofhirModel(table, seed=5)
+    c1 = np.round(model.baseline + THR1_OP_UA / model.lsb_uA).astype(int)
+    hits = model.generate(4000, AcquisitionState(True, 60.0, 0, c1, c1 + 13))
+    # constants that remove the true noiseless walk: S(Q) of the model, exact AWC
+    const = np.zeros(8, dtype=AWC_DTYPE)
+    const["channel"] = np.arange(8)
+    thr1 = model.threshold_uA(c1)
+    thr2 = thr1 + 13 * model.lsb_uA
+    q_nodes = np.geomspace(100, 1000, 16)
+    amp = q_nodes[None, :] / model.q_per_uA[:, None]
+    rows = np.arange(8)[:, None]
+    dt = (model.noiseless_crossing_time(rows, amp, thr2[:, None])
+          - model.noiseless_crossing_time(rows, amp, thr1[:, None]))  # fmt: skip
+    const["slope_lut_q"] = q_nodes
+    const["slope_lut_s"] = (thr2 - thr1)[:, None] / dt
+    const["awc_uA"] = awc_truth(model.n, thr1, thr2)
+    const["thr1_op_uA"], const["thr2_op_uA"] = 6.0, 10.0625
+    acc = feed_steps(OffsetsAccumulator(table, ["laser", "thr1", "thr2"], constants=const), hits)
+    out = acc.fit()
+    truth = model.truth()
+    expected = truth["t0_ns"] + truth["board_delay_ns"]
+    expected -= expected[0]
+    assert out["flag"][0] == "reference" and (out["flag"][1:] == "").all()
+    # Q resolution smears S(Q) per hit; on average the walk is gone to a few ps
+    assert np.max(np.abs(out["offset_ns"] - expected)) < 0.006
+    assert acc.attrs()["walk_removed"] is True
+
+
+def test_accumulator_parameters() -> None:
+    table = demo_tofhir_channels(2)
+    with pytest.raises(ValueError, match="reference"):
+        OffsetsAccumulator(table, ["laser"], reference=9.0)
+    with pytest.raises(ValueError, match="reference"):
+        OffsetsAccumulator(table, ["laser"], reference=1.5)
+    # nothing fed: every channel says why, no exception
+    out = OffsetsAccumulator(table, ["laser"]).fit()
+    assert all("no_reference" in f for f in out["flag"]) and np.isnan(out["offset_ns"]).all()

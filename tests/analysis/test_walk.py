@@ -7,12 +7,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-from teststand.analysis import (
+from teststand.analysis.walk import (
     AWC_DTYPE,
     AWC_LUT_SIZE,
     AWC_POINT_DTYPE,
+    AWC_VALIDATION_DTYPE,
+    RECORD_FIELDS,
+    AwcAccumulator,
+    AwcSums,
+    AwcValidationAccumulator,
+    _inverse_slope_factor,
     correct_times,
     fit_awc,
+    is_charge_step,
     residual_walk,
 )
 from teststand.errors import AnalysisError
@@ -121,15 +128,22 @@ def test_edge_and_table_slopes_agree(awc: Any) -> None:
 
 
 def test_trim_reduces_awc_spread(awc: Any, awc_scan: Any) -> None:
+    """The trim predicts each channel's AWC from how fast its slope grows with charge. With the
+    log-log slope of S(Q) (the default: free of gain and QDC scale) the prediction's error is a
+    fraction of the channels' spread; the paper's b of S = a + b Q (in uA/ns per count, which
+    mixes in each channel's gain and QDC scale) helps much less on this bench."""
     c = awc.constants
     truth = awc_truth(awc_scan.model.n, c["thr1_op_uA"], c["thr2_op_uA"])
-    assert awc.trim.n_channels == c.size
-    assert awc.trim.awc_spread_after_uA < awc.trim.awc_spread_before_uA
-    # the trimmed AWC predicts the truth better than one AWC for every channel would
-    assert np.std(c["awc_trimmed_uA"] - truth) < np.std(truth)
-    # the gain- and QDC-scale-free predictor does much better on this bench
-    scale_free = fit_awc(*awc_scan.fit_args(), trim_predictor="elasticity")
-    assert np.std(scale_free.constants["awc_trimmed_uA"] - truth) < 0.5 * np.std(truth)
+    assert awc.trim.predictor == "slope_loglog" and awc.trim.n_channels == c.size
+    assert awc.trim.awc_spread_after_uA < 0.3 * awc.trim.awc_spread_before_uA
+    common_error = np.std(np.mean(c["awc_uA"]) - truth)  # one AWC for every channel
+    assert np.std(c["awc_trimmed_uA"] - truth) < 0.2 * common_error
+    # for a power-law edge the log-log slope is 1/n, which fixes the AWC
+    np.testing.assert_allclose(c["slope_loglog"], 1 / awc_scan.model.n, rtol=0.02)
+    paper = fit_awc(*awc_scan.fit_args(), trim_predictor="slope_b")
+    assert np.std(paper.constants["awc_trimmed_uA"] - truth) < common_error
+    line = fit_awc(*awc_scan.fit_args(), trim_predictor="elasticity")
+    assert np.std(line.constants["awc_trimmed_uA"] - truth) < 0.5 * common_error
 
 
 def test_bar_by_bar_scan_and_flags(scan_factory: Any) -> None:
@@ -284,3 +298,216 @@ def test_non_scaling_edges_close_to_the_best_single_awc(
     excess = walk["spread_ns"] - best
     assert np.median(excess) < 8 * PS
     assert np.all(excess < 15 * PS)
+
+
+# ------------------------------------------------------------------------------------------------
+# the sums and the accumulators
+
+
+def steps_of(scan: Any, laser_off_step: bool = True) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A /steps table and the hits of every step for a scan, as a run file would hold them
+    (nominal thresholds; optionally a laser-off step with junk hits first)."""
+    axes = ["laser", "intensity", "thr1", "thr2"]
+    dtype = [("index", "<u4")] + [(a, "<f8") for a in axes]
+    n = scan.intensity.size
+    rows = np.zeros(n + laser_off_step, dtype=dtype)
+    blocks = []
+    if laser_off_step:
+        junk = scan.hits[:500].copy()
+        junk["t1"] += 37.0
+        rows[0] = (0, 0.0, np.nan, np.nan, np.nan)
+        blocks.append(junk)
+    order = np.argsort(scan.step, kind="stable")
+    bounds = np.searchsorted(scan.step[order], np.arange(n + 1))
+    nominal_thr2 = 6.0 + np.round((scan.thr2_uA[:, 0] - scan.thr1_uA[:, 0]) / 0.3125) * 0.3125
+    for s in range(n):
+        r = s + laser_off_step
+        rows[r] = (r, 1.0, scan.intensity[s], 6.0, nominal_thr2[s])
+        blocks.append(scan.hits[order[bounds[s] : bounds[s + 1]]])
+    return rows, blocks
+
+
+def feed(acc: Any, rows: np.ndarray, blocks: list[np.ndarray], n_blocks: int = 1) -> Any:
+    for row, hits in zip(rows, blocks, strict=True):
+        i = int(row["index"])
+        for part in np.array_split(hits, n_blocks):  # a step may come in several blocks
+            acc.add_hits(i, part)
+        acc.end_step(i, dict(zip(row.dtype.names, row.tolist(), strict=True)))
+    return acc
+
+
+def channel_table(n: int) -> np.ndarray:
+    from teststand.sim.physics import demo_tofhir_channels
+
+    return demo_tofhir_channels(n // 2)
+
+
+def assert_same_table(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    for name in a.dtype.names or ():
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_accumulator_is_fit_awc(small_scan: Any) -> None:
+    """Fed step by step (in several blocks, after a laser-off step that must be ignored), the
+    accumulator gives exactly what fit_awc gives on the same hits, and it keeps one record per
+    (channel, laser step), not the hits."""
+    rows, blocks = steps_of(small_scan)
+    acc = feed(AwcAccumulator(channel_table(8), ["laser", "intensity", "thr1", "thr2"]), rows,
+               blocks, n_blocks=3)  # fmt: skip
+    online = acc.fit()
+    h = small_scan.hits
+    laser = rows[1:]
+    direct = fit_awc(h["channel"], h["t1"], h["t2"], h["q"], small_scan.step, laser["intensity"],
+                     laser["thr1"], laser["thr2"], n_channels=8)  # fmt: skip
+    assert_same_table(online, direct.constants)
+    assert (online["flag"] == "").all()
+    assert acc.n_ignored_steps == 1 and acc.n_steps == rows.size
+    assert acc.sums.records().shape == (len(RECORD_FIELDS), 8 * laser.size)
+    assert set(acc.json_keys) == {"awc_uA", "t0_ns", "awc_trimmed_uA", "slope_a", "slope_b",
+                                  "slope_lut_q", "slope_lut_s"}  # fmt: skip
+    row = acc.json_rows(online)[0]
+    assert len(row["slope_lut_q"]) == AWC_LUT_SIZE and row["flag"] == ""
+    assert acc.attrs()["n_steps_ignored"] == 1
+
+
+def test_sums_from_several_workers_add_up(small_scan: Any) -> None:
+    """Records are additive: steps reduced by two workers and joined fit like one pass (what a
+    Dask reprocessing of one file in parts needs)."""
+    rows, blocks = steps_of(small_scan, laser_off_step=False)
+    one = AwcSums(8)
+    parts = [AwcSums(8), AwcSums(8)]
+    for k, (row, hits) in enumerate(zip(rows, blocks, strict=True)):
+        args = (row["intensity"], row["thr1"], row["thr2"], hits["channel"], hits["t1"],
+                hits["t2"], hits["q"])  # fmt: skip
+        charge = is_charge_step(float(row["thr1"]), float(row["thr2"]))
+        one.add_step(*args, charge_sums=charge)
+        parts[k % 2].add_step(*args, charge_sums=charge)
+    joined = AwcSums(8)
+    for part in parts:
+        joined.add_records(part.records())
+    a, b = one.fit().constants, joined.fit().constants
+    for name in ("awc_uA", "t0_ns", "slope_lut_s", "awc_trimmed_uA"):
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-12, atol=1e-12)
+
+
+def test_charge_sums_only_near_the_operating_pair() -> None:
+    assert is_charge_step(6.0, 10.0625)
+    assert is_charge_step(6.0, 10.0625 + 0.3125)  # a neighbour: kept, the fit snaps
+    assert not is_charge_step(6.0, 9.0)
+    assert is_charge_step(6.0, 9.0, thr2_op_uA=9.1)
+    assert not is_charge_step(6.0, 10.0625, thr1_op_uA=7.0)
+    assert is_charge_step(np.array([6.1, 5.9]), np.array([8.0, 9.95]))  # per channel: any
+
+
+def test_inverse_slope_factor_against_monte_carlo() -> None:
+    """<1/S(Q)> over a cluster from its first four charge moments, against the sample mean."""
+    rng = np.random.default_rng(4)
+    for rel in (0.05, 0.15):
+        q = rng.gamma(1 / rel**2, 300 * rel**2, 2_000_000)  # mean 300, rms rel * 300
+        coef = np.array([[0.2, 0.55, -0.04]])
+        ref = np.log(250.0)
+        g = np.exp(-np.polyval(coef[0, ::-1], np.log(q) - ref))
+        mu = q.mean()
+        m = [np.mean((q - mu) ** k) for k in (2, 3, 4)]
+        u = np.array([[np.log(mu) - ref]])
+        factor = _inverse_slope_factor(coef, u, *(np.array([[m[k] / mu ** (k + 2)]])
+                                                  for k in range(3)))  # fmt: skip
+        predicted = np.exp(-np.polyval(coef[0, ::-1], u[0, 0])) * factor[0, 0]
+        assert predicted == pytest.approx(g.mean(), rel=3e-5)
+
+
+def test_accumulator_needs_the_scan_axes_and_sane_parameters() -> None:
+    with pytest.raises(AnalysisError, match="thr2"):
+        AwcAccumulator(channel_table(4), ["laser", "intensity", "thr1"])
+    with pytest.raises(ValueError, match="n_lut_bins"):
+        AwcAccumulator(channel_table(4), ["intensity", "thr1", "thr2"], n_lut_bins=40.0)
+    with pytest.raises(ValueError, match="no parameter"):
+        AwcAccumulator(channel_table(4), ["intensity", "thr1", "thr2"], thr3_op=1.0)
+    # no step at all: every channel flagged, no exception
+    empty = AwcAccumulator(channel_table(4), ["intensity", "thr1", "thr2"]).fit()
+    assert (empty["flag"] == "no_hits").all() and np.isnan(empty["awc_uA"]).all()
+
+
+def validation_steps(hits: np.ndarray, n_steps: int = 6) -> tuple[np.ndarray, list[np.ndarray]]:
+    dtype = [("index", "<u4"), ("laser", "<f8"), ("thr1", "<f8"), ("thr2", "<f8")]
+    rows = np.zeros(n_steps, dtype=dtype)
+    rows["index"] = np.arange(n_steps)
+    rows["laser"], rows["thr1"], rows["thr2"] = 1.0, 6.0, 10.0625
+    return rows, np.array_split(hits, n_steps)
+
+
+def test_validation_accumulator(awc: Any, awc_validation: np.ndarray) -> None:
+    """The awc_validation method on the validation hits: flat to a few ps in fixed charge bins,
+    with the raw walk over the same bins; flags for the channels it cannot judge."""
+    c = awc.constants.copy()
+    c["thr1_op_uA"], c["thr2_op_uA"] = 6.0, 10.0625  # as /steps of a run would record them
+    rows, blocks = validation_steps(awc_validation)
+    acc = feed(AwcValidationAccumulator(channel_table(16), ["laser", "thr1", "thr2"],
+                                        constants=c), rows, blocks)  # fmt: skip
+    v = acc.fit()
+    assert v.dtype == AWC_VALIDATION_DTYPE and (v["flag"] == "").all()
+    assert (v["n_bins_used"] == 10).all()
+    assert np.all(v["residual_walk_ns"] < 5 * PS + 2 * v["residual_walk_err_ns"])
+    assert np.all((v["walk_ns"] > 0.5) & (v["walk_ns"] < 4.0))
+    # the judged range is the one the table rests on
+    np.testing.assert_allclose(v["q_lo"], c["lut_fit_q_min"])
+    np.testing.assert_allclose(v["q_hi"], c["lut_fit_q_max"])
+    assert set(acc.json_rows(v)[0]) == {"channel", "residual_walk_ns", "walk_ns", "flag"}
+    # channel 3 without constants, channel 4 with a broken table
+    c2 = c[c["channel"] != 3].copy()
+    c2["slope_lut_s"][c2["channel"] == 4] = np.nan
+    v2 = feed(AwcValidationAccumulator(channel_table(16), ["laser", "thr1", "thr2"],
+                                       constants=c2), rows, blocks).fit()  # fmt: skip
+    assert v2["flag"][3] == v2["flag"][4] == "no_constants"
+    assert np.isnan(v2["residual_walk_ns"][[3, 4]]).all()
+    np.testing.assert_array_equal(v2["residual_walk_ns"][5:], v["residual_walk_ns"][5:])
+    # no constants at all
+    v3 = feed(AwcValidationAccumulator(channel_table(16), ["laser", "thr1", "thr2"]),
+              rows, blocks).fit()  # fmt: skip
+    assert (v3["flag"] == "no_constants").all()
+
+
+def test_validation_bad_data(awc: Any, awc_validation: np.ndarray) -> None:
+    """Other thresholds, saturated charges, NaN times, too few hits: flags, never a crash."""
+    c = awc.constants.copy()
+    c["thr1_op_uA"], c["thr2_op_uA"] = 6.0, 10.0625
+    rows, blocks = validation_steps(awc_validation)
+    rows["thr2"][:2] = 9.0  # two steps at another threshold pair: left out, flagged
+    damaged = []
+    for b in blocks:
+        b = b.copy()
+        b["q"][b["channel"] == 1] = 1023.0  # saturated
+        two = np.flatnonzero(b["channel"] == 2)
+        b["t1"][two[::2]] = np.nan  # NaN times
+        b = np.delete(b, np.flatnonzero(b["channel"] == 5)[50:])  # 50 hits a step
+        damaged.append(b)
+    v = feed(AwcValidationAccumulator(channel_table(16), ["laser", "thr1", "thr2"],
+                                      constants=c), rows, damaged).fit()  # fmt: skip
+    flags = [set(f.split("|")) for f in v["flag"]]
+    assert all("thresholds_differ" in f for f in flags)
+    assert {"saturated_charge", "too_few_hits"} <= flags[1] and np.isnan(v["residual_walk_ns"][1])
+    assert "nan_times" in flags[2] and np.isfinite(v["residual_walk_ns"][2])
+    assert "too_few_hits" in flags[5] and np.isnan(v["residual_walk_ns"][5])
+    assert np.isfinite(v["residual_walk_ns"][0]) and v["n_other_thresholds"][0] > 0
+    # every step at other thresholds: no number at all
+    rows["thr2"] = 9.0
+    none = feed(AwcValidationAccumulator(channel_table(16), ["laser", "thr1", "thr2"],
+                                         constants=c), rows, blocks).fit()  # fmt: skip
+    assert np.isnan(none["residual_walk_ns"]).all()
+    assert (none["flag"] == "thresholds_differ|too_few_hits").all()
+
+
+def test_an_absurd_value_stays_in_its_channel() -> None:
+    """A corrupt time (1e200 ns: its square overflows) poisons only its own channel's sums."""
+    rng = np.random.default_rng(1)
+    rows = np.tile([0, 1], 200)
+    t1 = rng.normal(10.0, 0.05, rows.size)
+    t2, q = t1 + 0.3, np.full(rows.size, 300.0)
+    clean, dirty = AwcSums(2), AwcSums(2)
+    clean.add_step(50.0, 6.0, 10.0625, rows, t1, t2, q)
+    t1_bad = t1.copy()
+    t1_bad[1] = t2[1] = 1e200  # channel 1
+    dirty.add_step(50.0, 6.0, 10.0625, rows, t1_bad, np.where(rows == 1, t2, t1 + 0.3), q)
+    np.testing.assert_allclose(dirty.records()[:, 0], clean.records()[:, 0], rtol=1e-13)
+    assert not np.isfinite(dirty.records()[:, 1]).all()

@@ -145,3 +145,32 @@ def test_selftest_passes_on_both_simulated_stands(capsys):
     assert cli.main(["selftest", "--stand", "sim", "--seed", "1"]) == 0
     assert cli.main(["selftest", "--stand", "sim-hptdc", "--seed", "1"]) == 0
     assert "FAIL" not in capsys.readouterr().out
+
+
+def test_stand_mapping_fewer_channels_than_the_dac(tmp_path):
+    """A stand that maps 8 of the DAC's 32 channels: codes are still sent for all 32."""
+    from teststand.station import resolve_stand
+
+    text = resolve_stand("sim").read_text()
+    head, rest = text.split("channels = [\n", 1)
+    rows, tail = rest.split("\n]\n", 1)
+    kept = [
+        r
+        for r in rows.splitlines()
+        if "channel =  " in r and int(r.split("channel =")[1].split(",")[0]) < 8
+    ]
+    stand = tmp_path / "small.toml"
+    stand.write_text(head + "channels = [\n" + "\n".join(kept) + "\n]\n" + tail)
+    recipe = _small_recipe(
+        tmp_path,
+        "awc-small",
+        'kind = "awc_calibration"\n[parameters]\nbars = [2]\nintensities_pct = [30.0, 100.0]\n'
+        "thr2_uA = {start = 9.0, stop = 10.0, step = 0.3125}\nn_pulses = 50\n"
+        "baseline_scan = {start = 0, stop = 30, step = 1}\n",
+    )
+    outcome = run_recipe(recipe, str(stand), tmp_path, seed=2)
+    assert outcome.result.status == "completed", outcome.result.reason
+    with RunFile(outcome.run_path) as run:
+        assert run.channels.size == 8
+        lit = run.hits()[run.steps["first_hit"][-1] :]
+        assert set(np.unique(lit["channel"])) <= {2}

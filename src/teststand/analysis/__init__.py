@@ -14,7 +14,14 @@ from .differential import (
     phase_correction_from_shape,
     sampling_phase,
 )
-from .offsets import BOARD_DTYPE, BOARD_FIT_DTYPE, OFFSET_DTYPE, OffsetResult, channel_offsets
+from .offsets import (
+    BOARD_DTYPE,
+    BOARD_FIT_DTYPE,
+    OFFSET_DTYPE,
+    OffsetResult,
+    OffsetsAccumulator,
+    channel_offsets,
+)
 from .online import StepAccumulator, json_value
 from .resolution import (
     RESOLUTION_DTYPE,
@@ -58,14 +65,21 @@ from .walk import (
     AWC_LUT_SIZE,
     AWC_POINT_DTYPE,
     RESIDUAL_WALK_DTYPE,
+    AwcAccumulator,
     AwcFit,
+    AwcSums,
     AwcTrim,
+    AwcValidationAccumulator,
     correct_times,
     fit_awc,
     residual_walk,
 )
 
 __all__ = [
+    "OffsetsAccumulator",
+    "AwcValidationAccumulator",
+    "AwcSums",
+    "AwcAccumulator",
     "TimewalkSums",
     "TimewalkAccumulator",
     "SIGMOID_USABLE_FLAGS",

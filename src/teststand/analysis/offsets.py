@@ -40,32 +40,43 @@ Results (per channel):
 
 Several lines (TileCal fits four: the clock enters in the middle of each drawer) are fitted when
 boards are assigned to segments.
+
+Two entry points share the per-pulse differences (:func:`event_differences`) and the board fit:
+:func:`channel_offsets` on hit arrays (iterative clipping, reference groups, board segments), and
+:class:`OffsetsAccumulator`, the ``offsets`` method of a ``timing_alignment`` run, which keeps
+running sums per channel step by step (online and offline alike) and walk-corrects the times
+with AWC constants first.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
 from teststand.analysis._grouping import batched_lstsq
 
+from .online import StepAccumulator
+
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.intp]
 
 #: One row per channel (see the module docstring for the meaning of each offset). Errors are
 #: statistical; ``rms_ns`` is the spread of ``t_i - t_ref`` (the channels' combined resolution);
-#: ``delay_ns`` the relative table delay removed. Flags: ``""`` (fine), ``reference`` (a member
-#: of the reference); ``no_events``, ``too_few_events`` (offsets NaN); ``no_board_fit`` (offset
-#: given, board terms NaN). Hits of channels missing from the table are ignored.
+#: ``delay_ns`` the relative table delay removed; ``n_events`` the differences used and
+#: ``n_rejected`` those left out as outliers. Flags: ``""`` (fine), ``reference`` (a member of
+#: the reference); ``no_events``, ``too_few_events`` (offsets NaN); ``no_board_fit`` (offset
+#: given, board terms NaN); the ``offsets`` method adds its own (:class:`OffsetsAccumulator`),
+#: joined by ``|``. Hits of channels missing from the table are ignored.
 OFFSET_DTYPE = np.dtype(
     [
         ("channel", "<u2"),
         ("board", "<i2"),
         ("segment", "<i2"),
         ("n_events", "<i8"),
+        ("n_rejected", "<i8"),  # differences left out (beyond the clip or outside the window)
         ("offset_raw_ns", "<f8"),
         ("offset_ns", "<f8"),
         ("offset_err_ns", "<f8"),
@@ -74,7 +85,7 @@ OFFSET_DTYPE = np.dtype(
         ("board_term_ns", "<f8"),
         ("board_term_err_ns", "<f8"),
         ("residual_ns", "<f8"),
-        ("flag", "<U24"),
+        ("flag", "<U64"),
     ]
 )
 
@@ -165,6 +176,40 @@ def clipped_mean(
     return mu, err, s, n.astype(np.int64)
 
 
+def event_differences(
+    event: npt.NDArray[np.int64],
+    row: IntArray,
+    t: FloatArray,
+    ref_rows: IntArray,
+    n_rows: int,
+) -> tuple[IntArray, FloatArray]:
+    """``t - t_ref`` of the same laser pulse, for every usable hit; vectorised over events.
+
+    ``event``, ``row`` (channel row) and ``t`` (finite times) are hit columns. The reference
+    time of an event is the mean of the reference rows' hits, counted only when every
+    reference row has exactly one hit in it. A row with two hits in an event is ambiguous
+    there and skipped. Returns the row and the difference of every usable hit (the reference
+    rows included: for a single reference their difference is 0).
+    """
+    events, ev_idx = np.unique(event, return_inverse=True)
+    ev_idx = ev_idx.reshape(-1)
+    n_ev = events.size
+    # Hits per (event, channel): a channel with two hits in an event is ambiguous there.
+    cell = ev_idx.astype(np.int64) * n_rows + row
+    _, cell_inv, cell_n = np.unique(cell, return_inverse=True, return_counts=True)
+    single = cell_n[cell_inv.reshape(-1)] == 1
+    is_ref = np.isin(row, ref_rows)
+    ref_hit = single & is_ref
+    n_ref = np.bincount(ev_idx[ref_hit], minlength=n_ev)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t_ref = np.bincount(ev_idx[ref_hit], t[ref_hit], minlength=n_ev) / n_ref
+    good_ev = (n_ref == ref_rows.size) & (
+        np.bincount(ev_idx[is_ref], minlength=n_ev) == ref_rows.size
+    )
+    use = single & good_ev[ev_idx]
+    return row[use], t[use] - t_ref[ev_idx[use]]
+
+
 def channel_offsets(
     event: npt.ArrayLike,
     channel: npt.ArrayLike,
@@ -217,21 +262,9 @@ def channel_offsets(
     pos = np.clip(np.searchsorted(tab_ch, ch), 0, n_ch - 1)
     ok = (tab_ch[pos] == ch) & np.isfinite(t)
     ev, row, t = ev[ok], pos[ok], t[ok]
-    events, ev_idx = np.unique(ev, return_inverse=True)
-    n_ev = events.size
-    # Hits per (event, channel): a channel with two hits in an event is ambiguous there.
-    cell = ev_idx.astype(np.int64) * n_ch + row
-    _, cell_inv, cell_n = np.unique(cell, return_inverse=True, return_counts=True)
-    single = cell_n[cell_inv] == 1
-    is_ref = np.isin(row, ref_rows)
-    ref_hit = single & is_ref
-    n_ref = np.bincount(ev_idx[ref_hit], minlength=n_ev)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        t_ref = np.bincount(ev_idx[ref_hit], t[ref_hit], minlength=n_ev) / n_ref
-    good_ev = (n_ref == refs.size) & (np.bincount(ev_idx[is_ref], minlength=n_ev) == refs.size)
-    use = single & good_ev[ev_idx]
-    diff = t[use] - t_ref[ev_idx[use]]
-    mean, err, rms, n = clipped_mean(row[use], diff, n_ch, clip_sigma=clip_sigma)
+    row_use, diff = event_differences(ev, row, t, ref_rows, n_ch)
+    mean, err, rms, n = clipped_mean(row_use, diff, n_ch, clip_sigma=clip_sigma)
+    n_diff = np.bincount(row_use, minlength=n_ch)
 
     out = np.zeros(n_ch, dtype=OFFSET_DTYPE)
     for name in out.dtype.names or ():
@@ -240,6 +273,7 @@ def channel_offsets(
     out["channel"] = tab_ch
     out["board"] = tab_board
     out["n_events"] = n
+    out["n_rejected"] = n_diff - n
     delay_rel = tab_delay - tab_delay[ref_rows].mean()
     out["delay_ns"] = delay_rel if subtract_delay else 0.0
     enough = n >= max(min_events, 2)
@@ -296,7 +330,8 @@ def _board_fit(
         )
     boards["mean_offset_ns"] = bm
     boards["rms_ns"] = np.where(nb > 1, br, np.nan)
-    boards["mean_offset_err_ns"] = np.where(nb > 1, br / np.sqrt(nb), np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boards["mean_offset_err_ns"] = np.where(nb > 1, br / np.sqrt(nb), np.nan)
 
     segs, seg_idx = np.unique(segment[b_idx], return_inverse=True)
     n_seg = segs.size
@@ -358,3 +393,219 @@ def _board_fit(
     no_fit = has & ~seg_ok & np.isin(out["flag"], ("", "reference"))
     out["flag"][no_fit & (out["flag"] == "")] = "no_board_fit"
     return boards, fits
+
+
+class OffsetsAccumulator(StepAccumulator):
+    """The ``offsets`` method: channel offsets from a ``timing_alignment`` run, step by step.
+
+    Every laser step (``laser == 0`` steps are ignored) is reduced at its end: the hits' times
+    (``t1``, or the walk-corrected ``t1 - AWC / S(Q)`` when ``constants`` are given), per laser
+    pulse the difference to the reference channel (:func:`event_differences`), and per channel
+    the count, sum and sum of squares of the differences inside a window. The window is fixed
+    per channel at the first step that gives it ``min_events`` differences: centred on their
+    median, half-width ``clip_sigma`` times their robust rms (1.4826 MAD) but at least
+    ``min_window_ns``; earlier differences of that channel, and those outside the window
+    (noise hits, a second pulse), are counted in ``n_rejected``. The result is deterministic
+    and the same online and offline.
+
+    What ``offset_ns`` is. With the walk removed, the time of channel ``i`` in pulse ``e`` is
+    ``tau_e + t0_i + delay_i + B_i`` (module docstring), so
+
+        offset_ns_i = mean(t_i - t_ref) - (delay_i - delay_ref)
+                    = (t0_i + B_i) - (t0_ref + B_ref),
+
+    the channel's walk-free electronic offset (intrinsic ``t0`` plus clock propagation
+    ``B = board_delay``) relative to the reference channel; in the simulator's truth that is
+    ``(offset_ns - delay_ns)_i - (offset_ns - delay_ns)_ref``, which is what the tests compare
+    with. ``board_term_ns`` is the straight line against board position at the channel's board
+    (its slope, the clock propagation per board, is in the attributes ``board_slope_ns``) and
+    ``residual_ns = offset_ns - board_term_ns`` the channel's own part. Without constants the
+    times keep each channel's walk at the run's amplitude: the offsets are then those of that
+    amplitude, every channel is flagged ``walk_not_removed`` and the attribute
+    ``walk_removed`` is False.
+
+    Parameters: ``constants`` (an AWC table, or None), ``reference`` (channel number, default 0),
+    ``clip_sigma`` (5), ``min_window_ns`` (0.5), ``min_events`` (20: fewer differences give
+    ``too_few_events``), ``use_trimmed`` (1: the trimmed AWC), ``lsb_uA`` (constants made for
+    other thresholds than a step's are not applied: the step's hits of those channels are left
+    out and the channels flagged ``thresholds_differ``).
+
+    Flags: ``reference``; ``no_events``, ``too_few_events``, ``no_constants`` (constants given
+    but none usable for the channel), ``no_reference`` (the reference channel had no usable
+    time; every offset NaN) leave the offset NaN; ``walk_not_removed``, ``thresholds_differ``,
+    ``no_board_fit`` and ``nan_times`` (hits with a NaN time left out) are warnings.
+    """
+
+    method: ClassVar[str] = "offsets"
+    defaults: ClassVar[Mapping[str, Any]] = {
+        "constants": None,
+        "reference": 0.0,
+        "clip_sigma": 5.0,
+        "min_window_ns": 0.5,
+        "min_events": 20.0,
+        "use_trimmed": 0.0,
+        "lsb_uA": 0.3125,
+    }
+    json_keys: ClassVar[Mapping[str, str]] = {"offset_ns": "offset_ns"}
+
+    def __init__(self, channels: np.ndarray, axes: Sequence[str], **params: Any) -> None:
+        super().__init__(channels, axes, **params)
+        p = self.params
+        table = self.channels
+        order = np.argsort(table["channel"], kind="stable")
+        self._table = table[order]
+        self._numbers = self._table["channel"].astype(np.int64)
+        n_ch = self._numbers.size
+        reference = float(p["reference"])
+        hit = np.flatnonzero(self._numbers == reference)
+        if hit.size != 1 or reference != int(reference):
+            raise ValueError(f"reference channel {p['reference']!r} is not in the channel table")
+        self._ref_row = np.array([int(hit[0])])
+        self._row = np.full(max(int(self._numbers.max()) + 1, 65536), -1, dtype=np.intp)
+        self._row[self._numbers] = np.arange(n_ch)
+        self._has_laser = "laser" in self.axes
+        self._has_thr = "thr1" in self.axes and "thr2" in self.axes
+        self._corr = None
+        if p["constants"] is not None:
+            from .walk import AwcCorrection
+
+            self._corr = AwcCorrection(
+                np.asarray(p["constants"]),
+                self._numbers,
+                use_trimmed=bool(float(p["use_trimmed"])),
+                lsb_uA=float(p["lsb_uA"]),
+            )
+        self._center = np.full(n_ch, np.nan)
+        self._half = np.full(n_ch, np.nan)
+        self._n = np.zeros(n_ch)
+        self._s1 = np.zeros(n_ch)  # sums of (diff - center) and its square, inside the window
+        self._s2 = np.zeros(n_ch)
+        self._rejected = np.zeros(n_ch)
+        self._bad = np.zeros(n_ch)
+        self._other_thr = np.zeros(n_ch)
+        self.last_result: OffsetResult | None = None
+
+    def reduce_step(self, step: int, row: Mapping[str, Any], hits: np.ndarray) -> None:
+        if self._has_laser and not row["laser"] > 0:
+            return
+        n_ch = self._numbers.size
+        rows = self._row[hits["channel"]]
+        if hits.size and rows.min() < 0:  # channels missing from the table: left out
+            hits = hits[rows >= 0]
+            rows = rows[rows >= 0]
+        t = hits["t1"].astype(np.float64)
+        self._bad += np.bincount(rows, weights=~np.isfinite(t), minlength=n_ch)
+        if self._corr is not None:
+            ok = self._corr.usable
+            if self._has_thr:
+                ok = self._corr.matching(float(row["thr1"]), float(row["thr2"]))
+                other = self._corr.usable & ~ok
+                self._other_thr += np.where(other, np.bincount(rows, minlength=n_ch), 0)
+            t = self._corr.correct(rows, t, hits["q"], ok)
+        good = np.isfinite(t)
+        r_use, diff = event_differences(
+            hits["event"][good].astype(np.int64), rows[good], t[good], self._ref_row, n_ch
+        )
+        # a window for the channels that have none yet and enough differences in this step
+        count = np.bincount(r_use, minlength=n_ch)
+        new = ~np.isfinite(self._center) & (count >= float(self.params["min_events"]))
+        if new.any():
+            sel = new[r_use]
+            center = _grouped_median(r_use[sel], diff[sel], n_ch)
+            mad = _grouped_median(r_use[sel], np.abs(diff[sel] - center[r_use[sel]]), n_ch)
+            half = np.maximum(
+                float(self.params["clip_sigma"]) * 1.4826 * mad,
+                float(self.params["min_window_ns"]),
+            )
+            self._center[new] = center[new]
+            self._half[new] = half[new]
+        dx = diff - self._center[r_use]
+        with np.errstate(invalid="ignore"):
+            inside = np.abs(dx) <= self._half[r_use]
+        self._rejected += np.bincount(r_use, weights=~inside, minlength=n_ch)
+        r_in, dx = r_use[inside], dx[inside]
+        self._n += np.bincount(r_in, minlength=n_ch)
+        self._s1 += np.bincount(r_in, weights=dx, minlength=n_ch)
+        self._s2 += np.bincount(r_in, weights=dx * dx, minlength=n_ch)
+
+    def fit(self) -> np.ndarray:
+        """The :data:`OFFSET_DTYPE` table (one row per channel, sorted by channel)."""
+        n_ch = self._numbers.size
+        n = self._n
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_dx = self._s1 / n
+            var = (self._s2 - self._s1 * mean_dx) / (n - 1)
+        var = np.where(n > 1, np.maximum(var, 0.0), np.nan)
+        mean = self._center + mean_dx
+        ref = int(self._ref_row[0])
+        tab_delay = self._table["delay_ns"].astype(np.float64)
+
+        out = np.zeros(n_ch, dtype=OFFSET_DTYPE)
+        for name in out.dtype.names or ():
+            if out.dtype[name].kind == "f":
+                out[name] = np.nan
+        out["channel"] = self._numbers
+        out["board"] = self._table["board"]
+        out["n_events"] = n
+        out["n_rejected"] = self._rejected
+        out["delay_ns"] = tab_delay - tab_delay[ref]
+        min_events = max(float(self.params["min_events"]), 2.0)
+        reference_ok = n[ref] >= min_events
+        enough = (n >= min_events) & reference_ok
+        out["offset_raw_ns"][enough] = mean[enough]
+        out["offset_ns"][enough] = mean[enough] - out["delay_ns"][enough]
+        with np.errstate(invalid="ignore"):
+            out["offset_err_ns"][enough] = np.sqrt(var[enough] / n[enough])
+            out["rms_ns"][enough] = np.sqrt(var[enough])
+        if reference_ok:
+            # t_ref - t_ref is 0 in every event: exact, no spread
+            out["offset_raw_ns"][ref] = out["offset_ns"][ref] = 0.0
+            out["offset_err_ns"][ref] = out["rms_ns"][ref] = 0.0
+        out["flag"] = ""
+        boards, fits = _board_fit(out, None, None)
+        no_board_fit = out["flag"] == "no_board_fit"
+
+        flags: list[list[str]] = [[] for _ in range(n_ch)]
+        usable = np.ones(n_ch, dtype=bool) if self._corr is None else self._corr.usable
+        for i in range(n_ch):
+            f = flags[i]
+            if i == ref:
+                f.append("reference")
+            if not reference_ok:
+                f.append("no_reference")
+            elif not usable[i]:
+                f.append("no_constants")
+            elif n[i] == 0 and i != ref:
+                f.append("no_events")
+            elif not enough[i]:
+                f.append("too_few_events")
+            if self._corr is None:
+                f.append("walk_not_removed")
+            if self._other_thr[i] > 0:
+                f.append("thresholds_differ")
+            if self._bad[i] > 0:
+                f.append("nan_times")
+            if no_board_fit[i]:
+                f.append("no_board_fit")
+        out["flag"] = ["|".join(f) for f in flags]
+        self.last_result = OffsetResult(out, boards, fits)
+        return out
+
+    def attrs(self) -> dict[str, Any]:
+        """Reference, whether the walk was removed, and the board line (clock propagation)."""
+        if self.last_result is None:
+            self.fit()
+        assert self.last_result is not None
+        fit = self.last_result.board_fit
+        out: dict[str, Any] = {
+            f"param_{k}": float(v) for k, v in self.params.items() if k != "constants"
+        }
+        out["reference"] = int(self._numbers[self._ref_row[0]])
+        out["walk_removed"] = self._corr is not None
+        out["n_steps"] = self.n_steps
+        if fit.size == 1:
+            for name in ("slope_ns", "slope_err_ns", "intercept_ns", "intercept_err_ns"):
+                out[f"board_{name}"] = float(fit[name][0])
+            out["board_residual_rms_ns"] = float(fit["residual_rms_ns"][0])
+            out["board_fit_flag"] = str(fit["flag"][0])
+        return out

@@ -500,6 +500,11 @@ class ScurveAccumulator(StepAccumulator):
         self._triggers: list[float] = []
         self._hits: list[NDArray[np.float64]] = []
 
+    @property
+    def n_codes(self) -> int:
+        """Number of laser-off threshold steps folded in so far."""
+        return len(self._codes)
+
     def reduce_step(self, step: int, row: Mapping[str, Any], hits: NDArray[Any]) -> None:
         code = float(row["thr_code"])
         if not np.isfinite(code) or ("laser" in row and float(row["laser"]) != 0.0):

@@ -45,6 +45,7 @@ class StandInfo:
         instruments: the instrument names present (``laser``, ``dac``, ``readout``).
         lsb_uA: the threshold DAC's step in uA, or ``None`` without a DAC.
         max_code: the threshold DAC's largest code, or ``None`` without a DAC.
+        dac_channels: the DAC's channel count (its code arrays' length), or ``None``.
     """
 
     name: str
@@ -53,11 +54,17 @@ class StandInfo:
     instruments: tuple[str, ...]
     lsb_uA: float | None = None
     max_code: int | None = None
+    dac_channels: int | None = None
 
     @property
     def n_channels(self) -> int:
         """Number of readout channels in the channel map."""
         return int(self.channels.size)
+
+    @property
+    def n_dac(self) -> int:
+        """Length of the DAC's code arrays (the DAC may have more channels than are mapped)."""
+        return int(self.dac_channels) if self.dac_channels else self.n_channels
 
     @property
     def bars(self) -> np.ndarray:
@@ -119,7 +126,7 @@ def threshold_scan(
     """
     _require(stand, "tofhir", "threshold_scan")
     assert stand.max_code is not None
-    n = stand.n_channels
+    n = stand.n_dac
     off_codes = np.full(n, stand.max_code, dtype=np.int64)
 
     def body() -> Plan:
@@ -157,7 +164,7 @@ def _codes_for(
 ) -> np.ndarray:
     """T1/T2 codes putting ``channels`` at ``thr_uA`` above baseline; the others stop triggering."""
     assert stand.max_code is not None and stand.lsb_uA is not None
-    codes = np.full(stand.n_channels, stand.max_code, dtype=np.int64)
+    codes = np.full(stand.n_dac, stand.max_code, dtype=np.int64)
     wanted = np.rint(baselines[channels] + thr_uA / stand.lsb_uA).astype(np.int64)
     outside = (wanted < 0) | (wanted > stand.max_code)
     if np.any(outside):
@@ -181,7 +188,7 @@ def _codes_at_gap(
     """
     assert stand.max_code is not None and stand.lsb_uA is not None
     steps = int(np.rint(gap_uA / stand.lsb_uA))
-    codes = np.full(stand.n_channels, stand.max_code, dtype=np.int64)
+    codes = np.full(stand.n_dac, stand.max_code, dtype=np.int64)
     wanted = t1_codes[channels] + steps
     outside = (wanted < 0) | (wanted > stand.max_code)
     if np.any(outside):
@@ -208,12 +215,13 @@ def _baselines(
     from ..analysis.scurve import fit_scurves
 
     assert stand.max_code is not None
-    n = stand.n_channels
+    n = stand.n_dac
     off_codes = np.full(n, stand.max_code, dtype=np.int64)
     yield call(DAC, "set_codes", "t2", off_codes)
     yield call(DAC, "set_codes", "e", off_codes)
     if baseline_codes is not None:
-        baselines = np.asarray(baseline_codes, dtype=float)
+        baselines = np.full(n, np.nan)
+        baselines[stand.channels["channel"]] = np.asarray(baseline_codes, dtype=float)
     else:
         scan = np.asarray(scan_codes, dtype=np.int64)
         counts = np.zeros((n, scan.size), dtype=np.int64)
@@ -228,10 +236,14 @@ def _baselines(
         yield call(DAC, "set_codes", "t1", off_codes)
         result = fit_scurves(scan.astype(float), np.full_like(counts, n_triggers), counts)
         baselines = np.asarray(result["baseline_code"], dtype=float)
-        if np.any(~np.isfinite(baselines)):
-            bad = np.flatnonzero(~np.isfinite(baselines)).tolist()
+        mapped = stand.channels["channel"].astype(np.int64)
+        if np.any(~np.isfinite(baselines[mapped])):
+            bad = mapped[~np.isfinite(baselines[mapped])].tolist()
             raise RuntimeError(f"no baseline could be measured for channels {bad}")
-    yield log("baselines (DAC codes): " + ", ".join(f"{b:.2f}" for b in baselines))
+    yield log(
+        "baselines (DAC codes): "
+        + ", ".join(f"{c}: {baselines[c]:.2f}" for c in stand.channels["channel"])
+    )
     return baselines
 
 
@@ -262,7 +274,7 @@ def awc_calibration(
     """
     _require(stand, "tofhir", "awc_calibration")
     assert stand.max_code is not None and stand.lsb_uA is not None
-    off_codes = np.full(stand.n_channels, stand.max_code, dtype=np.int64)
+    off_codes = np.full(stand.n_dac, stand.max_code, dtype=np.int64)
     n_main = len(bars) * len(intensities_pct) * len(thr2_uA)
     n_noise = 0 if baseline_codes is not None else len(baseline_scan_codes)
     nan = float("nan")

@@ -313,6 +313,19 @@ class Recipe(BaseModel):
         except RecipeError as exc:
             raise RecipeError(f"{self.path}: {exc}") from None
 
+    def with_baselines(self, codes: list[float], source: str) -> Recipe:
+        """A copy whose plan sets thresholds from ``codes`` (DAC codes per channel).
+
+        Only for recipes that take ``baseline_codes`` and do not give them already; the others
+        are returned unchanged. ``source`` says where the codes come from (recorded in the text).
+        """
+        fields = type(self.params).model_fields
+        if "baseline_codes" not in fields or self.params.baseline_codes is not None:
+            return self
+        params = self.params.model_copy(update={"baseline_codes": [float(c) for c in codes]})
+        text = self.text.rstrip("\n") + f"\n# baseline_codes taken from {source}\n"
+        return self.model_copy(update={"params": params, "text": text})
+
     def settings(self) -> dict[str, Any]:
         """The validated parameters as plain data (for the settings checksum)."""
         return {"kind": self.kind, "params": self.params.model_dump(mode="json")}
