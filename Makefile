@@ -15,9 +15,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[gui,dev]'
 	@touch $(STAMP)
 
+# The same seed is the same simulated detector, so the AWC constants apply to the validation run.
 demo: $(STAMP)
 	$(BIN)/teststand run threshold-scan --stand sim --out $(OUT) --seed 1
-	$(BIN)/teststand run awc-calibration --stand sim --out $(OUT) --seed 1
+	$(BIN)/teststand run awc-calibration --stand sim --out $(OUT) --seed 1 \
+		--export-constants $(OUT)/awc-constants.json
+	$(BIN)/teststand run awc-validation --stand sim --out $(OUT) --seed 1 \
+		--constants $(OUT)/awc-constants.json
 
 test: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q
