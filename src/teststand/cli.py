@@ -367,7 +367,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     print(
         _format_table(
             ["channel", *keys],
-            [[row["channel"], *(_none_nan(row.get(k)) for k in keys)] for row in rows],
+            [
+                [
+                    row["channel"],
+                    *(_none_nan(row.get(k)) for k in keys[:-1]),
+                    row.get("flag") or "-",
+                ]
+                for row in rows
+            ],
         )
     )
     return EXIT_OK
@@ -478,6 +485,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TeststandError as exc:
         print(f"teststand: {args.command} failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        sys.stderr.close()
+        return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover
