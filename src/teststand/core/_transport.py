@@ -170,7 +170,37 @@ def _decode_line(
         ) from None
 
 
-class VisaTransport:
+class _Queries:
+    """``query`` and ``query_block`` in terms of a transport's own write and reads."""
+
+    name: str
+    _read_terminator: bytes
+
+    def write(self, command: str) -> None:
+        raise NotImplementedError
+
+    def read(self) -> str:
+        raise NotImplementedError
+
+    def _read_exact(self, count: int) -> bytes:
+        raise NotImplementedError
+
+    def query(self, command: str) -> str:
+        """Write ``command`` and read one reply line."""
+        self.write(command)
+        return self.read()
+
+    def query_block(self, command: str) -> bytes:
+        """Write ``command`` and read a definite-length block followed by the read terminator."""
+        self.write(command)
+        payload = _read_block(
+            self._read_exact, self._read_terminator, instrument=self.name, command=command
+        )
+        log.debug("%s -> block of %d bytes", self.name, len(payload))
+        return payload
+
+
+class VisaTransport(_Queries):
     """A :class:`Transport` over any pyvisa message-based resource (real or pyvisa-sim).
 
     The transport owns the resource's terminators: it sets ``read_termination`` and
@@ -252,20 +282,6 @@ class VisaTransport:
         )
         log.debug("%s -> %r", self.name, reply)
         return reply
-
-    def query(self, command: str) -> str:
-        """Write ``command`` and read one reply line."""
-        self.write(command)
-        return self.read()
-
-    def query_block(self, command: str) -> bytes:
-        """Write ``command`` and read a definite-length block followed by the read terminator."""
-        self.write(command)
-        payload = _read_block(
-            self._read_exact, self._read_terminator, instrument=self.name, command=command
-        )
-        log.debug("%s -> block of %d bytes", self.name, len(payload))
-        return payload
 
     def clear(self) -> None:
         """Device-clear the instrument if the VISA layer supports it, then drain stale input."""
@@ -360,7 +376,7 @@ class SerialPort(Protocol):
 DEFAULT_SERIAL_TIMEOUT_S = 2.0
 
 
-class SerialTransport:
+class SerialTransport(_Queries):
     """A :class:`Transport` over an RS232 port (pyserial), e.g. the laser pulser's link.
 
     Args:
@@ -433,20 +449,6 @@ class SerialTransport:
         )
         log.debug("%s -> %r", self.name, reply)
         return reply
-
-    def query(self, command: str) -> str:
-        """Write ``command`` and read one reply line."""
-        self.write(command)
-        return self.read()
-
-    def query_block(self, command: str) -> bytes:
-        """Write ``command`` and read a definite-length block followed by the read terminator."""
-        self.write(command)
-        payload = _read_block(
-            self._read_exact, self._read_terminator, instrument=self.name, command=command
-        )
-        log.debug("%s -> block of %d bytes", self.name, len(payload))
-        return payload
 
     def clear(self) -> None:
         """Discard buffered input, then whatever still arrives within a short settling time."""

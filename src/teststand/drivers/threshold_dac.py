@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Literal, get_args, overload
+from typing import Any, Literal, get_args, overload
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -42,6 +42,21 @@ def _parse_lsb(reply: str) -> float:
     return lsb
 
 
+def _codes_control(disc: str, what: str) -> Any:
+    """The code array of one discriminator: one command carries every channel."""
+    return Instrument.control(
+        f"THR:{disc}?",
+        f"THR:{disc} %s",
+        f"""{disc} ({what}) codes of every channel: int array of length n_channels, each code
+        strictly in the range 0..max_code (DAC codes; 63 by default).""",
+        validator=strict_int_array,
+        values=_code_array_spec,
+        units="DAC codes",
+        get_process=parse_int_list,
+        set_process=format_int_list,
+    )
+
+
 class ThresholdDac(Instrument):
     """Discriminator thresholds as DAC codes, all channels of one discriminator per command.
 
@@ -71,41 +86,9 @@ class ThresholdDac(Instrument):
         cached=True,
     )
 
-    t1_codes = Instrument.control(
-        "THR:T1?",
-        "THR:T1 %s",
-        """T1 (first timing threshold) codes of every channel: int array of length n_channels,
-        each code strictly in the range 0..max_code (DAC codes; 63 by default).""",
-        validator=strict_int_array,
-        values=_code_array_spec,
-        units="DAC codes",
-        get_process=parse_int_list,
-        set_process=format_int_list,
-    )
-
-    t2_codes = Instrument.control(
-        "THR:T2?",
-        "THR:T2 %s",
-        """T2 (second timing threshold) codes of every channel: int array of length n_channels,
-        each code strictly in the range 0..max_code (DAC codes; 63 by default).""",
-        validator=strict_int_array,
-        values=_code_array_spec,
-        units="DAC codes",
-        get_process=parse_int_list,
-        set_process=format_int_list,
-    )
-
-    e_codes = Instrument.control(
-        "THR:E?",
-        "THR:E %s",
-        """E (energy/QDC trigger threshold) codes of every channel: int array of length
-        n_channels, each code strictly in the range 0..max_code (DAC codes; 63 by default).""",
-        validator=strict_int_array,
-        values=_code_array_spec,
-        units="DAC codes",
-        get_process=parse_int_list,
-        set_process=format_int_list,
-    )
+    t1_codes = _codes_control("T1", "first timing threshold")
+    t2_codes = _codes_control("T2", "second timing threshold")
+    e_codes = _codes_control("E", "energy/QDC trigger threshold")
 
     def __init__(self, transport: Transport, *, max_code: int = TOFHIR2_MAX_CODE) -> None:
         super().__init__(transport)
