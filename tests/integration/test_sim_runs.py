@@ -174,3 +174,28 @@ def test_stand_mapping_fewer_channels_than_the_dac(tmp_path):
         assert run.channels.size == 8
         lit = run.hits()[run.steps["first_hit"][-1] :]
         assert set(np.unique(lit["channel"])) <= {2}
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_scurve_method_meets_the_calibration_tolerances(tmp_path, seed):
+    """Issue 3: baseline within 0.1 code and noise within 5 % of /truth on every channel.
+
+    3000 triggers per code: with the shipped 1000 the noise is known to about 2.5 % per channel,
+    so the worst of 32 channels sits near 5 % by statistics alone.
+    """
+    recipe = _small_recipe(
+        tmp_path,
+        "noise",
+        'kind = "threshold_scan"\n[parameters]\ncodes = {start = 0, stop = 40, step = 1}\n'
+        'n_triggers = 3000\nlaser_modes = ["off"]\n',
+    )
+    outcome = run_recipe(recipe, "sim", tmp_path, seed=seed)
+    with RunFile(outcome.run_path) as run:
+        table = run_method(run, "scurve", {}).table
+        truth = run.truth
+    assert np.all(table["flag"] == "")
+    assert np.all(np.abs(table["baseline_code"] - truth["baseline"]) < 0.1)
+    assert np.all(np.abs(table["noise_code"] / truth["noise"] - 1) < 0.05)
+    # the quoted errors describe the scatter: pulls of order one
+    pulls = (table["baseline_code"] - truth["baseline"]) / table["baseline_code_err"]
+    assert 0.5 < np.std(pulls) < 1.6
