@@ -81,7 +81,7 @@ def prepare_run(
     if stand.simulated and seed is None:
         import numpy as np
 
-        seed = int(np.random.SeedSequence().entropy % 2**32)
+        seed = int(np.random.SeedSequence().generate_state(1)[0])
     metadata = RunMetadata(
         recipe_name=recipe.name,
         kind=recipe.kind,

@@ -85,8 +85,12 @@ def _is_safe(inst: Any) -> bool:
 
 def _checks(station: Station, check: Callable[[str, str, Callable[[], str]], None], n: int) -> None:
     inst = station.instruments
+
+    def identity(driver: Any) -> Callable[[], str]:
+        return lambda: str(driver.identify().idn) or "empty identity"
+
     for name, driver in inst.items():
-        check(name, "identify", lambda d=driver: d.identify().idn or "empty identity")
+        check(name, "identify", identity(driver))
     laser = inst["laser"]
 
     def laser_setting() -> str:

@@ -280,7 +280,8 @@ class Station:
 def _driver_class(name: str) -> type:
     from . import drivers
 
-    return getattr(drivers, name)  # names are checked against ROLES when the file is validated
+    cls: type = getattr(drivers, name)  # names are checked against ROLES at validation
+    return cls
 
 
 def connect(stand: StandFile, *, seed: int | None = None) -> Station:
@@ -291,7 +292,7 @@ def connect(stand: StandFile, *, seed: int | None = None) -> Station:
 
     cfg = stand.config
     if stand.simulated and seed is None:
-        seed = int(np.random.SeedSequence().entropy % 2**32)  # recorded in the run file
+        seed = int(np.random.SeedSequence().generate_state(1)[0])  # recorded in the run file
     closers: list[Any] = []
     failures: dict[str, str] = {}
     transports: dict[str, Any] = {}
@@ -345,7 +346,7 @@ def connect(stand: StandFile, *, seed: int | None = None) -> Station:
             failures[name] = f"{inst.resource}: {exc}"
 
     instruments: dict[str, Any] = {}
-    model = None
+    model: Any = None
     if not failures:
         for name, inst in cfg.instruments.items():
             if name == "readout" and stand.simulated:

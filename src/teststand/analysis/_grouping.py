@@ -59,16 +59,20 @@ def grouped_count(index: ArrayLike, n_groups: int) -> NDArray[np.int64]:
     Indices must lie in ``0 .. n_groups - 1``; entries to be ignored should be removed beforehand
     (or sent to an extra overflow group the caller drops).
     """
-    return np.bincount(np.asarray(index, dtype=np.intp), minlength=n_groups)[:n_groups]
+    counts: NDArray[np.int64] = np.bincount(np.asarray(index, dtype=np.intp), minlength=n_groups)[
+        :n_groups
+    ].astype(np.int64, copy=False)
+    return counts
 
 
 def grouped_sum(index: ArrayLike, n_groups: int, values: ArrayLike) -> FloatArray:
     """Sum of ``values`` per group (float64)."""
-    return np.bincount(
+    sums: FloatArray = np.bincount(
         np.asarray(index, dtype=np.intp),
         weights=np.asarray(values, dtype=np.float64),
         minlength=n_groups,
-    )[:n_groups]
+    )[:n_groups].astype(np.float64, copy=False)
+    return sums
 
 
 class GroupedStats(NamedTuple):

@@ -261,7 +261,7 @@ def fit_scurves(
             flags[i].append(name)
 
     usable = (n >= max(min_triggers, 1)) & np.isfinite(n) & np.isfinite(k) & np.isfinite(c)
-    flag((k > n).any(axis=1), EXCESS_HITS)
+    flag(np.asarray((k > n).any(axis=1)), EXCESS_HITS)
     n = np.where(usable, n, 0.0)
     k = np.where(usable, np.clip(k, 0.0, n), 0.0)
     out["n_triggers"] = n.sum(axis=1)

@@ -174,7 +174,8 @@ class RunEngine:
         self.completed_steps = []
         self.state = "running"
         run = _RunState(metadata)
-        status, reason, error = "completed", "", None
+        status, reason = "completed", ""
+        error: BaseException | None = None
         reraise: BaseException | None = None
         try:
             self._drive(plan, run)

@@ -41,7 +41,8 @@ class Msg:
             raise ValueError(f"unknown plan message {self.command!r}")
 
 
-Plan = Generator[Msg, Any, None]
+#: A plan: yields messages, receives the engine's replies; a sub-plan may return a value.
+Plan = Generator[Msg, Any, Any]
 
 
 def open_run(axes: Sequence[str], n_steps: int) -> Msg:

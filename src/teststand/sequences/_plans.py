@@ -9,7 +9,7 @@ orderly one, the engine's the last line of defence.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,7 +206,7 @@ def _baselines(
     scan_codes: Sequence[int],
     n_triggers: int,
     extra_axes: dict[str, float],
-) -> Iterator[Msg]:
+) -> Generator[Msg, Any, np.ndarray]:
     """Every channel's baseline in DAC codes: given, or measured by a noise scan (laser off).
 
     The noise-scan steps are recorded with ``laser = 0`` and ``thr_code``; ``extra_axes`` gives

@@ -331,7 +331,8 @@ class SimulatedReadoutLink:
         bit = (
             np.uint64(self._enabled_channels) >> np.minimum(channel, 63).astype(np.uint64)
         ) & np.uint64(1)
-        return hits[(channel >= 32) | (bit == 1)]
+        kept: NDArray[Any] = hits[(channel >= 32) | (bit == 1)]
+        return kept
 
     def _stop(self) -> None:
         if self._started_at is not None and not self._done():
@@ -359,7 +360,7 @@ class SimulatedReadoutLink:
         acquisition never sits in memory and the hits do not depend on when FETCH? is asked.
         """
         happened = self._events_so_far()
-        parts = []
+        parts: list[NDArray[Any]] = []
         budget = self.max_block_hits
         while True:
             buffer = self._buffer

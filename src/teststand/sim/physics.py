@@ -121,7 +121,7 @@ def mean_photoelectrons(intensity_pct: float) -> float:
     ``N = 600 * (I / 100) ** 1.5``: monotonic, 40 pe at 16.4 % and 600 pe at 100 %.
     """
     intensity = min(max(float(intensity_pct), 0.0), 100.0)
-    return 600.0 * (intensity / 100.0) ** 1.5
+    return float(600.0 * (intensity / 100.0) ** 1.5)
 
 
 def awc_truth(n: ArrayLike, thr1: ArrayLike, thr2: ArrayLike) -> NDArray[np.float64]:
@@ -143,9 +143,10 @@ def hptdc_walk(
     tot_ns: ArrayLike, p0: ArrayLike, p1: ArrayLike, p2: ArrayLike, p3: ArrayLike
 ) -> NDArray[np.float64]:
     """PPS walk function ``f(ToT) = p0 / (exp((ToT - p1) / p2) + 1) + p3`` (all in ns)."""
-    arg = (np.asarray(tot_ns, dtype=float) - p1) / p2
+    tot, a0, a1, a2, a3 = (np.asarray(v, dtype=float) for v in (tot_ns, p0, p1, p2, p3))
+    arg = (tot - a1) / a2
     with np.errstate(over="ignore"):
-        return np.asarray(p0 / (np.exp(arg) + 1.0) + p3, dtype=float)
+        return np.asarray(a0 / (np.exp(arg) + 1.0) + a3, dtype=float)
 
 
 @dataclass(frozen=True, eq=False)
