@@ -8,6 +8,9 @@ and the command that failed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 
 class TeststandError(Exception):
     """Base of every error raised on purpose by teststand."""
@@ -93,3 +96,23 @@ class InterlockTripped(TeststandError):
 
 class RunAborted(TeststandError):
     """The run was aborted on request (GUI, signal or API)."""
+
+
+def describe_validation_error(err: Mapping[str, Any], prefix: str = "") -> str:
+    """One pydantic error (``ValidationError.errors()[i]``) as ``key: what was expected, got X``.
+
+    ``prefix`` is put before the key (``parameters`` for a recipe's plan parameters).
+    """
+    parts = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+    loc = ".".join(([prefix] if prefix else []) + parts)
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "missing":
+        return f"{loc}: missing (required)"
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if not loc:
+        return msg
+    given = err.get("input")
+    if isinstance(given, (dict, list)) or given is None:
+        return f"{loc}: {msg}"
+    return f"{loc}: {msg}, got {given!r}"

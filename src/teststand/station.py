@@ -13,7 +13,6 @@ import logging
 import shutil
 import tempfile
 import tomllib
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .core.hits import CHANNEL_DTYPE
-from .errors import ConnectionFailed, StandError
+from .errors import ConnectionFailed, StandError, describe_validation_error
 from .sequences import StandInfo
 
 log = logging.getLogger(__name__)
@@ -152,21 +151,6 @@ def resolve_stand(spec: str) -> Path:
     return path
 
 
-def _describe(err: Mapping[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
-    msg = str(err["msg"]).removeprefix("Value error, ")
-    if err["type"] == "missing":
-        return f"{loc}: missing (required)"
-    if err["type"] == "extra_forbidden":
-        return f"{loc}: unknown key"
-    if not loc:
-        return msg
-    given = err.get("input")
-    if isinstance(given, (dict, list)) or given is None:
-        return f"{loc}: {msg}"
-    return f"{loc}: {msg}, got {given!r}"
-
-
 def parse_stand(text: str, path: str = "<stand>") -> StandConfig:
     """Validate stand-file TOML ``text``; errors name ``path``, the key and what was expected."""
     try:
@@ -176,7 +160,7 @@ def parse_stand(text: str, path: str = "<stand>") -> StandConfig:
     try:
         return StandConfig.model_validate(data)
     except ValidationError as exc:
-        raise StandError(f"{path}: {_describe(exc.errors()[0])}") from None
+        raise StandError(f"{path}: {describe_validation_error(exc.errors()[0])}") from None
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..errors import RecipeError
+from ..errors import RecipeError, describe_validation_error
 from ._messages import Plan
 from ._plans import (
     StandInfo,
@@ -355,20 +355,6 @@ def resolve_recipe(spec: str) -> Path:
     return path
 
 
-def _describe_error(err: dict[str, Any], prefix: str) -> str:
-    loc = ".".join(str(part) for part in err["loc"] if not str(part).startswith("function-"))
-    key = f"{prefix}.{loc}" if loc else prefix
-    msg = err["msg"]
-    if err["type"] == "missing":
-        return f"{key}: missing (required)"
-    if err["type"] == "extra_forbidden":
-        return f"{key}: unknown key"
-    given = err.get("input")
-    if isinstance(given, (dict, list)) or given is None:
-        return f"{key}: {msg}"
-    return f"{key}: {msg}, got {given!r}"
-
-
 def load_recipe(spec: str) -> Recipe:
     """Read and validate a recipe (a shipped name or a path). Raises :class:`RecipeError`."""
     path = resolve_recipe(spec)
@@ -411,7 +397,7 @@ def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
         params = REGISTRY[kind].params.model_validate(params_data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise RecipeError(f"{path}: {_describe_error(dict(first), 'parameters')}") from None
+        raise RecipeError(f"{path}: {describe_validation_error(first, 'parameters')}") from None
     return Recipe(
         name=name, kind=kind, description=description, params=params, text=text, path=path
     )
