@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 
 from teststand.analysis.walk import AwcAccumulator, AwcSums, is_charge_step
-from teststand.runner import run_recipe
+from teststand.app.runner import run_recipe
 from teststand.storage import RunFile
 
 READ_ROWS = 1 << 20

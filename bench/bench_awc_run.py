@@ -15,7 +15,7 @@ import pstats
 import tempfile
 import time
 
-from teststand.runner import run_recipe
+from teststand.app.runner import run_recipe
 from teststand.storage import RunFile
 
 LIMIT_S = 60.0

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from teststand import cli
-from teststand.constants import export_constants, load_constants
+from teststand.app.constants import export_constants, load_constants
+from teststand.app.methods import OnlineAnalysis, run_method
+from teststand.app.runner import run_recipe
 from teststand.errors import ConstantsError
-from teststand.methods import OnlineAnalysis, run_method
-from teststand.runner import run_recipe
 from teststand.storage import RunFile
 
 SCAN = """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import resources
+
 import numpy as np
 import pytest
 
@@ -21,7 +23,10 @@ def test_shipped_stands_describe_their_channels():
 
 
 def test_every_failed_instrument_is_reported_at_once(tmp_path):
-    text = resolve_stand("sim").read_text()
+    # A pyvisa-sim YAML that serves the shipped resources only, and a stand asking for others.
+    yaml = tmp_path / "served.yaml"
+    yaml.write_bytes((resources.files("teststand.sim") / "instruments.yaml").read_bytes())
+    text = f'visa_library = "{yaml}@sim"\n' + resolve_stand("sim").read_text()
     text = text.replace("ASRL1::INSTR", "ASRL9::INSTR").replace("dac.sim", "nowhere.sim")
     path = tmp_path / "broken.toml"
     path.write_text(text)

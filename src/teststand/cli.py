@@ -210,8 +210,8 @@ def _fmt(value: Any) -> str:
 
 # -- commands ----------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from .methods import load_constants_for, method_for
-    from .runner import prepare_run
+    from .app.methods import load_constants_for, method_for
+    from .app.runner import prepare_run
     from .sequences import load_recipe
 
     constants = None
@@ -229,7 +229,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_prepared(prepared: Any, args: argparse.Namespace, constants: Any) -> int:
-    from .runner import execute
+    from .app.runner import execute
 
     meta = prepared.metadata
     sim_tag = "SIMULATED " if prepared.stand.simulated else ""
@@ -252,7 +252,7 @@ def _run_prepared(prepared: Any, args: argparse.Namespace, constants: Any) -> in
     subscribers = [] if args.no_progress else [Progress(label=sim_tag)]
     online = None
     if not args.no_analysis:
-        from .methods import OnlineAnalysis
+        from .app.methods import OnlineAnalysis
 
         online = OnlineAnalysis(constants=constants)
     previous: dict[int, Any] = {}
@@ -343,8 +343,8 @@ def _none_nan(value: Any) -> Any:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .methods import load_constants_for, method_for, run_method
-    from .runner import write_method_result
+    from .app.methods import load_constants_for, method_for, run_method
+    from .app.runner import write_method_result
     from .storage import RunFile
 
     params = _parse_params(args.param)
@@ -389,7 +389,7 @@ def _export(
     *,
     valid_from: str = "",
 ) -> None:
-    from .constants import export_constants
+    from .app.constants import export_constants
     from .sequences import utc_now
 
     try:
@@ -450,7 +450,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
-    from .selftest import run_selftest
+    from .app.selftest import run_selftest
     from .station import load_stand
 
     stand = load_stand(args.stand)

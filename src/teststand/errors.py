@@ -70,6 +70,10 @@ class InstrumentIOError(InstrumentError):
     """The link to the instrument failed (session closed, port gone, any other I/O error)."""
 
 
+class AcquisitionTimeout(InstrumentTimeout):
+    """An acquisition did not complete within its deadline (trigger count / rate + margin)."""
+
+
 class ReadbackMismatch(InstrumentError):
     """A setter read back a value other than the one that was sent."""
 
@@ -90,8 +94,21 @@ class ConnectionFailed(TeststandError):
         super().__init__(f"could not connect {len(self.failures)} instrument(s): {listing}")
 
 
-class InterlockTripped(TeststandError):
-    """An interlock condition tripped; the stand was put in its safe state."""
+class InterlockTripped(InstrumentError):
+    """An interlock is open: the laser may not emit. The run stops, safe state first."""
+
+
+class StandNotSafe(TeststandError):
+    """The safe state of one or more instruments could not be confirmed by read-back.
+
+    ``failures`` maps each instrument to what is wrong; the CLI prints ``STAND NOT SAFE: ...``
+    and exits with code 3.
+    """
+
+    def __init__(self, failures: dict[str, str]) -> None:
+        self.failures = dict(failures)
+        listing = "; ".join(f"{name}: {why}" for name, why in self.failures.items())
+        super().__init__(listing)
 
 
 class RunAborted(TeststandError):

@@ -12,6 +12,7 @@ from teststand.drivers import LaserPulser
 from teststand.errors import (
     InstrumentReplyError,
     InstrumentTimeout,
+    InterlockTripped,
     RangeError,
     ReadbackMismatch,
 )
@@ -35,8 +36,29 @@ SETS = [
 def test_set_and_read_back(
     attribute: str, value: Any, set_cmd: str, get_cmd: str, reply: str
 ) -> None:
-    with expected_protocol(LaserPulser, [(set_cmd, None), (get_cmd, reply)]) as laser:
+    # Switching the output on asks the interlock first (the guard), then sends.
+    guard = [("INTLK?", "1")] if set_cmd == "OUTP 1" else []
+    with expected_protocol(LaserPulser, [*guard, (set_cmd, None), (get_cmd, reply)]) as laser:
         setattr(laser, attribute, value)
+
+
+def test_output_is_not_switched_on_with_the_interlock_open() -> None:
+    with expected_protocol(LaserPulser, [("INTLK?", "0")], name="laser") as laser:
+        with pytest.raises(InterlockTripped, match="laser.*interlock is open"):
+            laser.output_enabled = True
+
+
+def test_output_goes_off_whatever_the_interlock() -> None:
+    with expected_protocol(LaserPulser, [("OUTP 0", None), ("OUTP?", "0")]) as laser:
+        laser.output_enabled = False
+
+
+def test_stand_limits_narrow_the_strict_ranges() -> None:
+    with expected_protocol(LaserPulser, [], max_intensity_pct=40.0, fibre_outputs=4) as laser:
+        with pytest.raises(RangeError, match=r"outside the strict range \[0, 40\]"):
+            laser.intensity = 50.0
+        with pytest.raises(RangeError, match=r"\[0, 4\]"):
+            laser.fibre_channel = 5
 
 
 GETS = [
@@ -69,7 +91,9 @@ def test_get(attribute: str, get_cmd: str, reply: str, expected: Any) -> None:
 def test_readback_mismatch(
     attribute: str, value: Any, set_cmd: str, get_cmd: str, reply: str
 ) -> None:
-    with expected_protocol(LaserPulser, [(set_cmd, None), (get_cmd, reply)], name="laser") as laser:
+    guard = [("INTLK?", "1")] if set_cmd == "OUTP 1" else []
+    script = [*guard, (set_cmd, None), (get_cmd, reply)]
+    with expected_protocol(LaserPulser, script, name="laser") as laser:
         with pytest.raises(ReadbackMismatch) as info:
             setattr(laser, attribute, value)
         assert info.value.instrument == "laser" and attribute in str(info.value)

@@ -37,7 +37,7 @@ from teststand.analysis.walk import (
     AwcValidationAccumulator,
     fit_awc,
 )
-from teststand.runner import run_recipe
+from teststand.app.runner import run_recipe
 from teststand.sequences import noise_counts
 from teststand.sim.physics import TofhirModel, awc_truth
 from teststand.storage import RunFile

@@ -23,7 +23,7 @@ from teststand.analysis.timewalk import (
     timewalk_profile,
     timewalk_sigmoid,
 )
-from teststand.runner import run_recipe
+from teststand.app.runner import run_recipe
 from teststand.sim.physics import HPTDC_BIN_NS, hptdc_walk
 from teststand.storage import RunFile
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from teststand.runner import run_recipe
+from teststand.app.runner import run_recipe
 
 RECIPE = """
 kind = "threshold_scan"

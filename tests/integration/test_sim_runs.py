@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from teststand import cli
-from teststand.methods import run_method
-from teststand.runner import run_recipe
+from teststand.app.methods import run_method
+from teststand.app.runner import run_recipe
 from teststand.sequences import load_recipe
 from teststand.storage import RunFile
 

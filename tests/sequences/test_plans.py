@@ -19,7 +19,7 @@ from teststand.station import load_stand
 
 @pytest.fixture
 def tofhir() -> StandInfo:
-    return load_stand("sim").info(lsb_uA=0.3125, max_code=63)
+    return load_stand("sim").info()
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .hits import CHANNEL_DTYPE, HIT_DTYPE, empty_hits
+from .stand import StandInfo
 
 if TYPE_CHECKING:
     from ._instrument import (
@@ -85,6 +86,7 @@ __all__ = [
     "Parameter",
     "SerialPort",
     "SerialTransport",
+    "StandInfo",
     "Transport",
     "Validator",
     "VisaTransport",

@@ -142,6 +142,8 @@ class Parameter:
             depends on the instrument (channel count, configured maximum code).
         cached: read once per driver instance (hardware constants such as the channel count).
         setting: included in `Instrument.settings`.
+        guard: called as ``guard(instrument, value)`` after validation and before anything is
+            sent; raises to refuse (the laser refuses to emit with its interlock open).
     """
 
     def __init__(
@@ -160,6 +162,7 @@ class Parameter:
         tolerance: float | None = None,
         cached: bool = False,
         setting: bool = True,
+        guard: Callable[[Any, Any], None] | None = None,
     ) -> None:
         if map_values and not (isinstance(values, dict) or callable(values)):
             raise TypeError("map_values needs values to be a dict {python value: reply text}")
@@ -176,6 +179,7 @@ class Parameter:
         self.map_values = map_values
         self.cached = cached
         self.setting = setting
+        self.guard = guard
         if tolerance is not None:
             self.abs_tol, self.rel_tol = float(tolerance), 0.0
         else:
@@ -349,6 +353,20 @@ class Instrument:
         """Ask the instrument whether it is in its safe state."""
         raise NotImplementedError(f"{type(self).__name__} does not define its safe state")
 
+    def unsafe_detail(self) -> str:
+        """What is not safe, in a few words for the ``STAND NOT SAFE`` line; empty when safe."""
+        return "" if self.is_safe() else "not in its safe state"
+
+    def check_facts(self) -> None:
+        """Refuse an instrument whose hardware facts differ from what the stand file declares.
+
+        Called once at connect, after the identity; drivers with declared facts override it.
+        """
+
+    def interlocks(self) -> dict[str, bool]:
+        """Interlock conditions this instrument reports, ``{what: closed}``; empty if none."""
+        return {}
+
     @classmethod
     def parameters(cls) -> dict[str, Parameter]:
         """Every declared parameter of this driver class, base classes first, in order."""
@@ -386,6 +404,7 @@ class Instrument:
         tolerance: float | None = None,
         cached: bool = False,
         setting: bool = True,
+        guard: Callable[[Any, Any], None] | None = None,
     ) -> Any:
         """Declare a read/write parameter.
 
@@ -403,6 +422,7 @@ class Instrument:
             tolerance: absolute read-back tolerance; by default derived from the set format.
             cached: read once per driver instance.
             setting: include in `Instrument.settings`.
+            guard: ``guard(instrument, value)`` refuses a validated value before it is sent.
         """
         return Parameter(
             get_command,
@@ -418,6 +438,7 @@ class Instrument:
             tolerance=tolerance,
             cached=cached,
             setting=setting,
+            guard=guard,
         )
 
     @staticmethod
@@ -471,6 +492,8 @@ class Instrument:
         values = parameter.resolve_values(self)
         if parameter.validator is not None:
             value = parameter.validator(value, values, instrument=self.name, what=parameter.name)
+        if parameter.guard is not None:
+            parameter.guard(self, value)
         sent = values[value] if parameter.map_values else value
         command = parameter.set_command % (parameter.set_process(sent),)
         with self._lock:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 from ..core import Instrument, format_bool01, parse_bool01, strict_bool
-from ._readout import Readout
+from ._readout import READOUT_CHECKS, Readout, ReadoutOptions
+from ._spec import DriverSpec, SimTwin
 
 #: HPTDC time bin in ps: the 25 ns clock period divided in 1024 (very high resolution mode).
 HPTDC_BIN_PS = 25_000.0 / 1024
@@ -42,3 +43,14 @@ class HptdcReadout(Readout):
         get_process=parse_bool01,
         set_process=format_bool01,
     )
+
+
+DRIVER = DriverSpec(
+    cls=HptdcReadout,
+    role="readout",
+    models=("HPTDC-READOUT",),
+    options=ReadoutOptions,
+    twin=SimTwin("instruments.yaml", "hptdc", "TCPIP0::hptdc.sim::inst0::INSTR", data_plane=True),
+    checks=READOUT_CHECKS,
+    readout_kind="hptdc",
+)

@@ -7,6 +7,7 @@ from typing import Any, Literal, get_args, overload
 
 import numpy as np
 from numpy.typing import ArrayLike
+from pydantic import Field, model_validator
 
 from ..core import (
     Instrument,
@@ -18,7 +19,8 @@ from ..core import (
     strict_int_array,
     strict_int_range,
 )
-from ..errors import RangeError
+from ..errors import InstrumentError, RangeError
+from ._spec import CheckContext, DriverOptions, DriverSpec, SelfCheck, SimTwin
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,35 @@ DISCRIMINATORS: tuple[Discriminator, ...] = get_args(Discriminator)
 
 #: Highest code of the TOFHIR2 6-bit threshold DACs (the default ``max_code``).
 TOFHIR2_MAX_CODE = 63
+
+#: Threshold step of the TOFHIR2 DACs in uA (the default ``lsb_uA``).
+TOFHIR2_LSB_UA = 0.3125
+
+#: Channels of one TOFHIR2 ASIC (the default ``n_channels``).
+TOFHIR2_CHANNELS = 32
+
+
+class DacOptions(DriverOptions):
+    """``[instruments.dac] options``: the DAC's hardware facts, checked against it at connect."""
+
+    max_code: int = Field(
+        default=TOFHIR2_MAX_CODE, ge=1, le=65535, description="highest code (63: 6-bit TOFHIR2)"
+    )
+    safe_code: int | None = Field(
+        default=None, ge=0, le=65535, description="code that stops triggering (default max_code)"
+    )
+    lsb_uA: float = Field(
+        default=TOFHIR2_LSB_UA, gt=0, le=1000, description="threshold step per code, uA"
+    )
+    n_channels: int = Field(
+        default=TOFHIR2_CHANNELS, ge=1, le=4096, description="channels per discriminator"
+    )
+
+    @model_validator(mode="after")
+    def _safe_in_range(self) -> DacOptions:
+        if self.safe_code is not None and self.safe_code > self.max_code:
+            raise ValueError(f"safe_code {self.safe_code} is above max_code {self.max_code}")
+        return self
 
 
 def _code_array_spec(dac: ThresholdDac) -> tuple[int, int, int]:
@@ -64,11 +95,17 @@ class ThresholdDac(Instrument):
     baseline (in codes, not necessarily integer) comes from a threshold S-curve. A higher code is
     a higher threshold.
 
-    Safe state: every code of every discriminator at ``max_code``, so that nothing triggers.
+    Safe state: every code of every discriminator at ``safe_code`` (``max_code`` unless the
+    stand says otherwise), so that nothing triggers. The self-test and the check at the start of
+    every run confirm by measurement that it does.
 
     Args:
         transport: the link to the DAC.
         max_code: highest valid code (63 for the TOFHIR2 6-bit DACs; wider for an external DAC).
+        safe_code: the code that stops triggering; ``None``: ``max_code``.
+        lsb_uA: the threshold step the stand declares; :meth:`check_facts` compares it with the
+            instrument's.
+        n_channels: the channel count the stand declares; compared likewise.
     """
 
     n_channels = Instrument.measurement(
@@ -90,11 +127,43 @@ class ThresholdDac(Instrument):
     t2_codes = _codes_control("T2", "second timing threshold")
     e_codes = _codes_control("E", "energy/QDC trigger threshold")
 
-    def __init__(self, transport: Transport, *, max_code: int = TOFHIR2_MAX_CODE) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        max_code: int = TOFHIR2_MAX_CODE,
+        safe_code: int | None = None,
+        lsb_uA: float = TOFHIR2_LSB_UA,
+        n_channels: int = TOFHIR2_CHANNELS,
+    ) -> None:
         super().__init__(transport)
         if isinstance(max_code, bool) or not isinstance(max_code, int) or max_code < 1:
             raise ValueError(f"max_code must be a positive int, got {max_code!r}")
+        safe = max_code if safe_code is None else safe_code
+        if isinstance(safe, bool) or not isinstance(safe, int) or not 0 <= safe <= max_code:
+            raise ValueError(f"safe_code must be an int in 0..{max_code}, got {safe_code!r}")
         self.max_code = max_code
+        self.safe_code = safe
+        self.declared_lsb_uA = float(lsb_uA)
+        self.declared_channels = int(n_channels)
+
+    def check_facts(self) -> None:
+        """Refuse a DAC whose step or channel count is not what the stand file declares."""
+        lsb, n = float(self.lsb_uA), int(self.n_channels)
+        if not np.isclose(lsb, self.declared_lsb_uA, rtol=1e-9, atol=0.0):
+            raise InstrumentError(
+                self.name,
+                f"the DAC's threshold step is {lsb:g} uA, the stand file declares "
+                f"lsb_uA = {self.declared_lsb_uA:g}",
+                "THR:LSB?",
+            )
+        if n != self.declared_channels:
+            raise InstrumentError(
+                self.name,
+                f"the DAC has {n} channels, the stand file declares n_channels = "
+                f"{self.declared_channels}",
+                "CONF:NCH?",
+            )
 
     # -- code arrays -----------------------------------------------------------------------------
 
@@ -163,17 +232,30 @@ class ThresholdDac(Instrument):
     # -- safety ----------------------------------------------------------------------------------
 
     def safe_state(self) -> None:
-        """Every code of every discriminator at ``max_code``: no channel triggers."""
-        log.info("%s: every threshold at code %d (safe state)", self.name, self.max_code)
-        full = np.full(self.n_channels, self.max_code, dtype=np.int64)
+        """Every code of every discriminator at ``safe_code`` (read back): no channel triggers."""
+        log.info("%s: every threshold at code %d (safe state)", self.name, self.safe_code)
+        full = np.full(self.n_channels, self.safe_code, dtype=np.int64)
         with self._lock:
             for disc in DISCRIMINATORS:
                 self.set_codes(disc, full)
 
     def is_safe(self) -> bool:
-        """True when the instrument holds ``max_code`` on every channel of every discriminator."""
+        """True when the instrument holds ``safe_code`` on every channel of every discriminator."""
         with self._lock:
-            return all(bool(np.all(self.codes(disc) == self.max_code)) for disc in DISCRIMINATORS)
+            return all(bool(np.all(self.codes(disc) == self.safe_code)) for disc in DISCRIMINATORS)
+
+    def unsafe_detail(self) -> str:
+        """What is not safe, for the ``STAND NOT SAFE`` line (empty when safe)."""
+        with self._lock:
+            for disc in DISCRIMINATORS:
+                codes = self.codes(disc)
+                bad = np.flatnonzero(codes != self.safe_code)
+                if bad.size:
+                    return (
+                        f"{disc} codes of channels {bad[:8].tolist()} are not the safe code "
+                        f"{self.safe_code}"
+                    )
+        return ""
 
     def _attribute(self, disc: str) -> str:
         if disc not in DISCRIMINATORS:
@@ -181,3 +263,24 @@ class ThresholdDac(Instrument):
                 self.name, f"discriminator {disc!r} is not one of {list(DISCRIMINATORS)}"
             )
         return f"{disc}_codes"
+
+
+def _check_setting(dac: ThresholdDac, ctx: CheckContext) -> str:
+    code = min(20, dac.max_code - 1)
+    dac.set_code("t1", 0, code)
+    if int(dac.codes("t1")[0]) != code:
+        raise AssertionError(f"code {code} not read back")
+    dac.safe_state()
+    if not dac.is_safe():
+        raise AssertionError(f"the safe code {dac.safe_code} was not read back")
+    return f"code {code} set and read back on channel 0, every code back at {dac.safe_code}"
+
+
+DRIVER = DriverSpec(
+    cls=ThresholdDac,
+    role="dac",
+    models=("THRESHOLD-DAC",),
+    options=DacOptions,
+    twin=SimTwin("instruments.yaml", "dac", "TCPIP0::dac.sim::inst0::INSTR"),
+    checks=(SelfCheck("set and read back", _check_setting),),
+)

@@ -7,7 +7,8 @@ Each hit carries ``t1`` and ``t2`` (the crossings of the T1 and T2 thresholds, s
 from __future__ import annotations
 
 from ..core import Instrument, parse_float, strict_range
-from ._readout import Readout
+from ._readout import READOUT_CHECKS, Readout, ReadoutOptions
+from ._spec import DriverSpec, SimTwin
 
 
 class TofhirReadout(Readout):
@@ -25,3 +26,14 @@ class TofhirReadout(Readout):
         units="ns",
         get_process=parse_float,
     )
+
+
+DRIVER = DriverSpec(
+    cls=TofhirReadout,
+    role="readout",
+    models=("TOFHIR2-READOUT",),
+    options=ReadoutOptions,
+    twin=SimTwin("instruments.yaml", "tofhir", "TCPIP0::tofhir.sim::inst0::INSTR", data_plane=True),
+    checks=READOUT_CHECKS,
+    readout_kind="tofhir",
+)

@@ -3,6 +3,7 @@
 Users import from here: ``from teststand.sequences import RunEngine, load_recipe``.
 """
 
+from ..core.stand import StandInfo
 from ._engine import RunEngine, RunMetadata, RunResult, Subscriber, utc_now
 from ._messages import (
     Msg,
@@ -18,7 +19,6 @@ from ._messages import (
     set_,
 )
 from ._plans import (
-    StandInfo,
     awc_calibration,
     finalize_wrapper,
     hptdc_timewalk,

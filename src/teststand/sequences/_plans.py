@@ -10,11 +10,11 @@ orderly one, the engine's the last line of defence.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ..core.stand import StandInfo
 from ._messages import (
     Msg,
     Plan,
@@ -32,48 +32,6 @@ from ._messages import (
 LASER = "laser"
 DAC = "dac"
 READOUT = "readout"
-
-
-@dataclass(frozen=True)
-class StandInfo:
-    """What a plan needs to know about a stand, without connecting to it.
-
-    Attributes:
-        name: the stand's name.
-        readout_kind: ``"tofhir"`` or ``"hptdc"``.
-        channels: the ``/channels`` table (structured array: channel, plane, bar, board, delay_ns).
-        instruments: the instrument names present (``laser``, ``dac``, ``readout``).
-        lsb_uA: the threshold DAC's step in uA, or ``None`` without a DAC.
-        max_code: the threshold DAC's largest code, or ``None`` without a DAC.
-        dac_channels: the DAC's channel count (its code arrays' length), or ``None``.
-    """
-
-    name: str
-    readout_kind: str
-    channels: np.ndarray
-    instruments: tuple[str, ...]
-    lsb_uA: float | None = None
-    max_code: int | None = None
-    dac_channels: int | None = None
-
-    @property
-    def n_channels(self) -> int:
-        """Number of readout channels in the channel map."""
-        return int(self.channels.size)
-
-    @property
-    def n_dac(self) -> int:
-        """Length of the DAC's code arrays (the DAC may have more channels than are mapped)."""
-        return int(self.dac_channels) if self.dac_channels else self.n_channels
-
-    @property
-    def bars(self) -> np.ndarray:
-        """The distinct bar (TOFHIR) or pad (HPTDC) numbers, sorted."""
-        return np.unique(self.channels["bar"])
-
-    def channels_of_bar(self, bar: int) -> np.ndarray:
-        """Channel numbers reading out ``bar`` (both ends of a TOFHIR bar; one pad per plane)."""
-        return np.asarray(self.channels["channel"][self.channels["bar"] == bar], dtype=np.int64)
 
 
 def finalize_wrapper(plan: Plan, cleanup: Callable[[], Iterator[Msg]]) -> Plan:
@@ -125,9 +83,8 @@ def threshold_scan(
     Axes: ``laser`` (0 off, 1 on) and ``thr_code``.
     """
     _require(stand, "tofhir", "threshold_scan")
-    assert stand.max_code is not None
     n = stand.n_dac
-    off_codes = np.full(n, stand.max_code, dtype=np.int64)
+    off_codes = stand.off_codes()
 
     def body() -> Plan:
         yield open_run(["laser", "thr_code"], len(laser_modes) * len(codes))
@@ -164,7 +121,7 @@ def _codes_for(
 ) -> np.ndarray:
     """T1/T2 codes putting ``channels`` at ``thr_uA`` above baseline; the others stop triggering."""
     assert stand.max_code is not None and stand.lsb_uA is not None
-    codes = np.full(stand.n_dac, stand.max_code, dtype=np.int64)
+    codes = stand.off_codes()
     wanted = np.rint(baselines[channels] + thr_uA / stand.lsb_uA).astype(np.int64)
     outside = (wanted < 0) | (wanted > stand.max_code)
     if np.any(outside):
@@ -188,7 +145,7 @@ def _codes_at_gap(
     """
     assert stand.max_code is not None and stand.lsb_uA is not None
     steps = int(np.rint(gap_uA / stand.lsb_uA))
-    codes = np.full(stand.n_dac, stand.max_code, dtype=np.int64)
+    codes = stand.off_codes()
     wanted = t1_codes[channels] + steps
     outside = (wanted < 0) | (wanted > stand.max_code)
     if np.any(outside):
@@ -214,9 +171,8 @@ def _baselines(
     """
     from ..analysis.scurve import fit_scurves
 
-    assert stand.max_code is not None
     n = stand.n_dac
-    off_codes = np.full(n, stand.max_code, dtype=np.int64)
+    off_codes = stand.off_codes()
     yield call(DAC, "set_codes", "t2", off_codes)
     yield call(DAC, "set_codes", "e", off_codes)
     if baseline_codes is not None:
@@ -274,7 +230,7 @@ def awc_calibration(
     """
     _require(stand, "tofhir", "awc_calibration")
     assert stand.max_code is not None and stand.lsb_uA is not None
-    off_codes = np.full(stand.n_dac, stand.max_code, dtype=np.int64)
+    off_codes = stand.off_codes()
     n_main = len(bars) * len(intensities_pct) * len(thr2_uA)
     n_noise = 0 if baseline_codes is not None else len(baseline_scan_codes)
     nan = float("nan")

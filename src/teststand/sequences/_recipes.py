@@ -17,10 +17,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..core.stand import StandInfo
 from ..errors import RecipeError, describe_validation_error
 from ._messages import Plan
 from ._plans import (
-    StandInfo,
     awc_calibration,
     hptdc_timewalk,
     operating_point_scan,

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from . import __version__
-from .errors import ConstantsError
+from .. import __version__
+from ..errors import ConstantsError
 
 FORMAT = "teststand.constants"
 FORMAT_VERSION = 1

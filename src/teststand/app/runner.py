@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from .. import __version__
+from ..errors import UserInputError
+from ..sequences import Recipe, RunEngine, RunMetadata, RunResult, Subscriber, load_recipe
+from ..station import StandFile, Station, connect, load_stand
+from ..storage import RunWriter, write_analysis
 from .constants import Constants, plain_json
-from .errors import UserInputError
 from .methods import MethodResult, OnlineAnalysis
-from .sequences import Recipe, RunEngine, RunMetadata, RunResult, Subscriber, load_recipe
-from .station import StandFile, Station, connect, load_stand
-from .storage import RunWriter, write_analysis
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def prepare_run(
         recipe = _baselines_from(recipe, stand, constants)
     # Build the plan once against the stand file alone: what can be checked without instruments
     # (stand kind, bars, ...) fails here, before connecting.
-    recipe.build_plan(stand.info(lsb_uA=0.3125, max_code=63)).close()
+    recipe.build_plan(stand.info()).close()
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -139,6 +139,7 @@ def execute(
     try:
         plan = prepared.recipe.build_plan(station.info)
         meta.channels = station.info.channels
+        meta.simulated = station.simulated
         meta.truth = station.truth()
         meta.truth_attrs = station.truth_attrs()
         engine = RunEngine(
@@ -163,7 +164,7 @@ def execute(
         write_method_result(prepared.run_path, analysis, online=True)
     elif online is not None and online.error:
         log.warning("no online analysis stored: %s", online.error)
-    return RunOutcome(result, prepared.run_path, prepared.stand.simulated, analysis)
+    return RunOutcome(result, prepared.run_path, meta.simulated, analysis)
 
 
 def write_method_result(path: Path, result: MethodResult, *, online: bool = False) -> None:

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from .analysis.online import StepAccumulator
+from ..analysis.online import StepAccumulator
+from ..errors import AnalysisError, UserInputError
+from ..storage import RunFile
 from .constants import Constants, load_constants
-from .errors import AnalysisError, UserInputError
-from .storage import RunFile
 
 log = logging.getLogger(__name__)
 
