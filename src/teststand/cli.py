@@ -218,7 +218,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.constants is not None:
         method = method_for(load_recipe(args.recipe).kind, None)
         constants = load_constants_for(method, args.constants)
-    prepared = prepare_run(args.recipe, args.stand, args.out, seed=args.seed, constants=constants)
+    prepared = prepare_run(
+        args.recipe,
+        args.stand,
+        args.out,
+        seed=args.seed,
+        constants=constants,
+        analysis=not args.no_analysis,
+    )
     handler = _setup_logging(args.verbose, prepared.log_path)
     try:
         return _run_prepared(prepared, args, constants)

@@ -17,6 +17,7 @@ from teststand.analysis.offsets import (
 )
 from teststand.analysis.walk import AWC_DTYPE
 from teststand.core.hits import HIT_DTYPE
+from teststand.drivers import TOFHIR2_LSB_UA as LSB_UA
 from teststand.sim.physics import (
     CHANNEL_DTYPE,
     THR1_OP_UA,
@@ -240,7 +241,7 @@ def test_accumulator_matches_channel_offsets(hptdc_run: tuple) -> None:
     model, table, hits, t = hptdc_run
     h = hits.copy()
     h["t1"] = t
-    acc = feed_steps(OffsetsAccumulator(table, ["laser", "thr1", "thr2"]), h)
+    acc = feed_steps(OffsetsAccumulator(table, ["laser", "thr1", "thr2"], lsb_uA=LSB_UA), h)
     out = acc.fit()
     one_pass = channel_offsets(hits["event"], hits["channel"], t, table, reference=0)
     ref = one_pass.channels
@@ -277,7 +278,9 @@ def test_accumulator_applies_awc_constants() -> None:
     const["slope_lut_s"] = (thr2 - thr1)[:, None] / dt
     const["awc_uA"] = awc_truth(model.n, thr1, thr2)
     const["thr1_op_uA"], const["thr2_op_uA"] = 6.0, 10.0625
-    acc = feed_steps(OffsetsAccumulator(table, ["laser", "thr1", "thr2"], constants=const), hits)
+    acc = feed_steps(
+        OffsetsAccumulator(table, ["laser", "thr1", "thr2"], constants=const, lsb_uA=LSB_UA), hits
+    )
     out = acc.fit()
     truth = model.truth()
     expected = truth["t0_ns"] + truth["board_delay_ns"]
@@ -291,9 +294,9 @@ def test_accumulator_applies_awc_constants() -> None:
 def test_accumulator_parameters() -> None:
     table = demo_tofhir_channels(2)
     with pytest.raises(ValueError, match="reference"):
-        OffsetsAccumulator(table, ["laser"], reference=9.0)
+        OffsetsAccumulator(table, ["laser"], reference=9.0, lsb_uA=LSB_UA)
     with pytest.raises(ValueError, match="reference"):
-        OffsetsAccumulator(table, ["laser"], reference=1.5)
+        OffsetsAccumulator(table, ["laser"], reference=1.5, lsb_uA=LSB_UA)
     # nothing fed: every channel says why, no exception
-    out = OffsetsAccumulator(table, ["laser"]).fit()
+    out = OffsetsAccumulator(table, ["laser"], lsb_uA=LSB_UA).fit()
     assert all("no_reference" in f for f in out["flag"]) and np.isnan(out["offset_ns"]).all()

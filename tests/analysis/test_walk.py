@@ -22,8 +22,11 @@ from teststand.analysis.walk import (
     is_charge_step,
     residual_walk,
 )
+from teststand.drivers import TOFHIR2_LSB_UA as LSB_UA
 from teststand.errors import AnalysisError
 from teststand.sim.physics import awc_truth
+
+AXES3 = ["intensity", "thr1", "thr2"]
 
 PS = 1e-3  # ns
 
@@ -43,7 +46,7 @@ def walk_after(constants: np.ndarray, hits: np.ndarray, n_bins: int = 8, **kw: A
 
 @pytest.fixture(scope="module")
 def awc(awc_scan: Any) -> Any:
-    return fit_awc(*awc_scan.fit_args())
+    return fit_awc(*awc_scan.fit_args(), lsb_uA=LSB_UA)
 
 
 def test_result_layout(awc: Any, awc_scan: Any) -> None:
@@ -140,9 +143,9 @@ def test_trim_reduces_awc_spread(awc: Any, awc_scan: Any) -> None:
     assert np.std(c["awc_trimmed_uA"] - truth) < 0.2 * common_error
     # for a power-law edge the log-log slope is 1/n, which fixes the AWC
     np.testing.assert_allclose(c["slope_loglog"], 1 / awc_scan.model.n, rtol=0.02)
-    paper = fit_awc(*awc_scan.fit_args(), trim_predictor="slope_b")
+    paper = fit_awc(*awc_scan.fit_args(), trim_predictor="slope_b", lsb_uA=LSB_UA)
     assert np.std(paper.constants["awc_trimmed_uA"] - truth) < common_error
-    line = fit_awc(*awc_scan.fit_args(), trim_predictor="elasticity")
+    line = fit_awc(*awc_scan.fit_args(), trim_predictor="elasticity", lsb_uA=LSB_UA)
     assert np.std(line.constants["awc_trimmed_uA"] - truth) < 0.5 * common_error
 
 
@@ -169,6 +172,7 @@ def test_bar_by_bar_scan_and_flags(scan_factory: Any) -> None:
         n_channels=8,
         step_bar=scan.bar,
         channel_bar=np.arange(8) // 2,
+        lsb_uA=LSB_UA,
     )
     c = fit.constants
     flags = [set(f.split("|")) - {""} for f in c["flag"]]
@@ -225,7 +229,7 @@ def test_residual_walk_measures_a_slope() -> None:
 def test_bad_input_raises() -> None:
     args = (np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3))
     with pytest.raises(ValueError, match="step indices"):
-        fit_awc(*args, np.array([0, 1, 5]), np.zeros(2), np.zeros(2), np.zeros(2))
+        fit_awc(*args, np.array([0, 1, 5]), np.zeros(2), np.zeros(2), np.zeros(2), lsb_uA=LSB_UA)
     with pytest.raises(ValueError, match="channel numbers"):
         ch = np.array([0, 1, 4])
         fit_awc(
@@ -236,9 +240,10 @@ def test_bad_input_raises() -> None:
             np.zeros(1),
             np.zeros(1),
             n_channels=2,
+            lsb_uA=LSB_UA,
         )
     with pytest.raises(ValueError, match="one entry per hit"):
-        fit_awc(*args, np.zeros(2, dtype=int), np.zeros(2), np.zeros(2), np.zeros(2))
+        fit_awc(*args, np.zeros(2, dtype=int), np.zeros(2), np.zeros(2), np.zeros(2), lsb_uA=LSB_UA)
 
 
 def test_empty_scan_gives_flags_not_errors() -> None:
@@ -253,6 +258,7 @@ def test_empty_scan_gives_flags_not_errors() -> None:
         np.array([6.0]),
         np.array([10.0]),
         n_channels=2,
+        lsb_uA=LSB_UA,
     )
     assert (fit.constants["flag"] == "no_hits").all()
     assert np.isnan(fit.constants["awc_uA"]).all()
@@ -264,7 +270,7 @@ def test_truth_with_high_statistics(scan_factory: Any, validation_factory: Any) 
     """With 10000 pulses a step the calibration's own statistics no longer matter: every channel
     is flat to 5 ps and its walk-free time right to 5 ps, as the issue asks."""
     scan = scan_factory(n_bars=4, n_pulses=10_000, seed=21)
-    fit = fit_awc(*scan.fit_args())
+    fit = fit_awc(*scan.fit_args(), lsb_uA=LSB_UA)
     c = fit.constants
     walk = walk_after(c, validation_factory(scan, n_pulses=12_000))
     assert np.all(walk["spread_ns"] < 5 * PS)
@@ -280,7 +286,7 @@ def test_non_scaling_edges_close_to_the_best_single_awc(
     """TOFHIR2 edges do not scale with amplitude; judge the residual against what one AWC per
     channel does on noiseless pulses of the same model over the same charges (design 4.2)."""
     scan = scan_factory(n_bars=4, n_pulses=3000, seed=4, non_scaling=True)
-    fit = fit_awc(*scan.fit_args())
+    fit = fit_awc(*scan.fit_args(), lsb_uA=LSB_UA)
     c = fit.constants
     walk = walk_after(c, validation_factory(scan))
     lo, hi = judged_range(c)
@@ -353,13 +359,13 @@ def test_accumulator_is_fit_awc(small_scan: Any) -> None:
     accumulator gives exactly what fit_awc gives on the same hits, and it keeps one record per
     (channel, laser step), not the hits."""
     rows, blocks = steps_of(small_scan)
-    acc = feed(AwcAccumulator(channel_table(8), ["laser", "intensity", "thr1", "thr2"]), rows,
-               blocks, n_blocks=3)  # fmt: skip
+    axes = ["laser", "intensity", "thr1", "thr2"]
+    acc = feed(AwcAccumulator(channel_table(8), axes, lsb_uA=LSB_UA), rows, blocks, n_blocks=3)
     online = acc.fit()
     h = small_scan.hits
     laser = rows[1:]
     direct = fit_awc(h["channel"], h["t1"], h["t2"], h["q"], small_scan.step, laser["intensity"],
-                     laser["thr1"], laser["thr2"], n_channels=8)  # fmt: skip
+                     laser["thr1"], laser["thr2"], n_channels=8, lsb_uA=LSB_UA)  # fmt: skip
     assert_same_table(online, direct.constants)
     assert (online["flag"] == "").all()
     assert acc.n_ignored_steps == 1 and acc.n_steps == rows.size
@@ -380,24 +386,26 @@ def test_sums_from_several_workers_add_up(small_scan: Any) -> None:
     for k, (row, hits) in enumerate(zip(rows, blocks, strict=True)):
         args = (row["intensity"], row["thr1"], row["thr2"], hits["channel"], hits["t1"],
                 hits["t2"], hits["q"])  # fmt: skip
-        charge = is_charge_step(float(row["thr1"]), float(row["thr2"]))
+        charge = is_charge_step(float(row["thr1"]), float(row["thr2"]), lsb_uA=LSB_UA)
         one.add_step(*args, charge_sums=charge)
         parts[k % 2].add_step(*args, charge_sums=charge)
     joined = AwcSums(8)
     for part in parts:
         joined.add_records(part.records())
-    a, b = one.fit().constants, joined.fit().constants
+    a, b = one.fit(lsb_uA=LSB_UA).constants, joined.fit(lsb_uA=LSB_UA).constants
     for name in ("awc_uA", "t0_ns", "slope_lut_s", "awc_trimmed_uA"):
         np.testing.assert_allclose(a[name], b[name], rtol=1e-12, atol=1e-12)
 
 
 def test_charge_sums_only_near_the_operating_pair() -> None:
-    assert is_charge_step(6.0, 10.0625)
-    assert is_charge_step(6.0, 10.0625 + 0.3125)  # a neighbour: kept, the fit snaps
-    assert not is_charge_step(6.0, 9.0)
-    assert is_charge_step(6.0, 9.0, thr2_op_uA=9.1)
-    assert not is_charge_step(6.0, 10.0625, thr1_op_uA=7.0)
-    assert is_charge_step(np.array([6.1, 5.9]), np.array([8.0, 9.95]))  # per channel: any
+    assert is_charge_step(6.0, 10.0625, lsb_uA=LSB_UA)
+    assert is_charge_step(6.0, 10.0625 + 0.3125, lsb_uA=LSB_UA)  # a neighbour: kept, the fit snaps
+    assert not is_charge_step(6.0, 9.0, lsb_uA=LSB_UA)
+    assert is_charge_step(6.0, 9.0, thr2_op_uA=9.1, lsb_uA=LSB_UA)
+    assert not is_charge_step(6.0, 10.0625, thr1_op_uA=7.0, lsb_uA=LSB_UA)
+    assert is_charge_step(
+        np.array([6.1, 5.9]), np.array([8.0, 9.95]), lsb_uA=LSB_UA
+    )  # per channel: any
 
 
 def test_inverse_slope_factor_against_monte_carlo() -> None:
@@ -419,13 +427,15 @@ def test_inverse_slope_factor_against_monte_carlo() -> None:
 
 def test_accumulator_needs_the_scan_axes_and_sane_parameters() -> None:
     with pytest.raises(AnalysisError, match="thr2"):
-        AwcAccumulator(channel_table(4), ["laser", "intensity", "thr1"])
+        AwcAccumulator(channel_table(4), ["laser", "intensity", "thr1"], lsb_uA=LSB_UA)
     with pytest.raises(ValueError, match="n_lut_bins"):
-        AwcAccumulator(channel_table(4), ["intensity", "thr1", "thr2"], n_lut_bins=40.0)
+        AwcAccumulator(
+            channel_table(4), ["intensity", "thr1", "thr2"], n_lut_bins=40.0, lsb_uA=LSB_UA
+        )
     with pytest.raises(ValueError, match="no parameter"):
-        AwcAccumulator(channel_table(4), ["intensity", "thr1", "thr2"], thr3_op=1.0)
+        AwcAccumulator(channel_table(4), AXES3, thr3_op=1.0, lsb_uA=LSB_UA)
     # no step at all: every channel flagged, no exception
-    empty = AwcAccumulator(channel_table(4), ["intensity", "thr1", "thr2"]).fit()
+    empty = AwcAccumulator(channel_table(4), ["intensity", "thr1", "thr2"], lsb_uA=LSB_UA).fit()
     assert (empty["flag"] == "no_hits").all() and np.isnan(empty["awc_uA"]).all()
 
 
@@ -444,7 +454,7 @@ def test_validation_accumulator(awc: Any, awc_validation: np.ndarray) -> None:
     c["thr1_op_uA"], c["thr2_op_uA"] = 6.0, 10.0625  # as /steps of a run would record them
     rows, blocks = validation_steps(awc_validation)
     acc = feed(AwcValidationAccumulator(channel_table(16), ["laser", "thr1", "thr2"],
-                                        constants=c), rows, blocks)  # fmt: skip
+                                        constants=c, lsb_uA=LSB_UA), rows, blocks)  # fmt: skip
     v = acc.fit()
     assert v.dtype == AWC_VALIDATION_DTYPE and (v["flag"] == "").all()
     assert (v["n_bins_used"] == 10).all()
@@ -458,12 +468,13 @@ def test_validation_accumulator(awc: Any, awc_validation: np.ndarray) -> None:
     c2 = c[c["channel"] != 3].copy()
     c2["slope_lut_s"][c2["channel"] == 4] = np.nan
     v2 = feed(AwcValidationAccumulator(channel_table(16), ["laser", "thr1", "thr2"],
-                                       constants=c2), rows, blocks).fit()  # fmt: skip
+                                       constants=c2, lsb_uA=LSB_UA),
+              rows, blocks).fit()  # fmt: skip
     assert v2["flag"][3] == v2["flag"][4] == "no_constants"
     assert np.isnan(v2["residual_walk_ns"][[3, 4]]).all()
     np.testing.assert_array_equal(v2["residual_walk_ns"][5:], v["residual_walk_ns"][5:])
     # no constants at all
-    v3 = feed(AwcValidationAccumulator(channel_table(16), ["laser", "thr1", "thr2"]),
+    v3 = feed(AwcValidationAccumulator(channel_table(16), ["laser", "thr1", "thr2"], lsb_uA=LSB_UA),
               rows, blocks).fit()  # fmt: skip
     assert (v3["flag"] == "no_constants").all()
 
@@ -483,7 +494,7 @@ def test_validation_bad_data(awc: Any, awc_validation: np.ndarray) -> None:
         b = np.delete(b, np.flatnonzero(b["channel"] == 5)[50:])  # 50 hits a step
         damaged.append(b)
     v = feed(AwcValidationAccumulator(channel_table(16), ["laser", "thr1", "thr2"],
-                                      constants=c), rows, damaged).fit()  # fmt: skip
+                                      constants=c, lsb_uA=LSB_UA), rows, damaged).fit()  # fmt: skip
     flags = [set(f.split("|")) for f in v["flag"]]
     assert all("thresholds_differ" in f for f in flags)
     assert {"saturated_charge", "too_few_hits"} <= flags[1] and np.isnan(v["residual_walk_ns"][1])
@@ -493,7 +504,8 @@ def test_validation_bad_data(awc: Any, awc_validation: np.ndarray) -> None:
     # every step at other thresholds: no number at all
     rows["thr2"] = 9.0
     none = feed(AwcValidationAccumulator(channel_table(16), ["laser", "thr1", "thr2"],
-                                         constants=c), rows, blocks).fit()  # fmt: skip
+                                         constants=c, lsb_uA=LSB_UA),
+                rows, blocks).fit()  # fmt: skip
     assert np.isnan(none["residual_walk_ns"]).all()
     assert (none["flag"] == "thresholds_differ|too_few_hits").all()
 

@@ -20,7 +20,7 @@ from teststand.analysis.offsets import OFFSET_DTYPE, OffsetsAccumulator
 from teststand.sim.physics import TofhirModel
 from teststand.storage import RunFile
 
-from .test_awc_truth import PS, SEEDS, THR1_UA, AwcRuns, awc_runs, feed
+from .test_awc_truth import LSB_UA, PS, SEEDS, THR1_UA, AwcRuns, awc_runs, feed
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> AwcRuns:
 
 def offsets(path, **params) -> OffsetsAccumulator:
     with RunFile(path) as run:
-        acc = OffsetsAccumulator(run.channels, run.axes, **params)
+        acc = OffsetsAccumulator(run.channels, run.axes, **params, lsb_uA=LSB_UA)
     feed(acc, path)
     acc.fit()
     return acc
@@ -118,7 +118,7 @@ def test_alignment_bad_data(runs: AwcRuns) -> None:
 
     def damaged(kind: str) -> np.ndarray:
         with RunFile(path) as run:
-            acc = OffsetsAccumulator(run.channels, run.axes, constants=cal.constants)
+            acc = OffsetsAccumulator(run.channels, run.axes, constants=cal.constants, lsb_uA=LSB_UA)
             for i, (row, hits) in enumerate(run.iter_steps()):
                 h = hits.copy()
                 if kind == "noise" and row["laser"] > 0:

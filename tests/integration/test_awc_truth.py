@@ -106,7 +106,9 @@ class Online:
 
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
         if name == "start":
-            self.acc = self.make(doc["channels"], doc["axes"])
+            # The DAC step travels in the start document, as the online analysis takes it.
+            lsb = doc["instruments"]["dac"]["settings"]["lsb_uA"]
+            self.acc = self.make(doc["channels"], doc["axes"], lsb_uA=lsb)
         elif name == "hits" and self.acc is not None:
             self.acc.add_hits(doc["index"], doc["hits"])
         elif name == "step" and self.acc is not None:
@@ -196,7 +198,7 @@ class AwcRuns:
             path = self._record(CALIBRATION_RECIPE, seed, non_scaling, subscribers=[online])
             with RunFile(path) as run:
                 channels, axes, truth = run.channels, run.axes, run.truth
-            acc = feed(AwcAccumulator(channels, axes), path)
+            acc = feed(AwcAccumulator(channels, axes, lsb_uA=LSB_UA), path)
             acc.fit()
             assert acc.last_fit is not None and online.acc is not None
             self._calibrations[key] = Calibration(
@@ -239,7 +241,10 @@ def awc_runs(factory: pytest.TempPathFactory) -> AwcRuns:
 def validate(cal: Calibration, path: Path, constants: np.ndarray | None = None) -> np.ndarray:
     with RunFile(path) as run:
         acc = AwcValidationAccumulator(
-            run.channels, run.axes, constants=cal.constants if constants is None else constants
+            run.channels,
+            run.axes,
+            constants=cal.constants if constants is None else constants,
+            lsb_uA=LSB_UA,
         )
     return feed(acc, path).fit()
 
@@ -313,6 +318,7 @@ def test_accumulator_is_fit_awc_on_the_file_columns(runs: AwcRuns) -> None:
         n_channels=cal.channels.size,
         step_bar=s["bar"],
         channel_bar=cal.channels["bar"],
+        lsb_uA=LSB_UA,
     )
     # fit_awc sees only the laser steps; the accumulator also fits the noise-scan steps and keeps
     # the baselines with the constants. Everything else is the same to the bit.
@@ -423,7 +429,7 @@ def test_shipped_recipe(runs: AwcRuns) -> None:
     folder = runs.root / "shipped"
     outcome = run_recipe("awc-calibration", "sim", folder, seed=seed)
     with RunFile(outcome.run_path) as run:
-        c = feed(AwcAccumulator(run.channels, run.axes), outcome.run_path).fit()
+        c = feed(AwcAccumulator(run.channels, run.axes, lsb_uA=LSB_UA), outcome.run_path).fit()
         truth = run.truth
     assert (c["flag"] == "").all()
     offset = truth["offset_ns"]
@@ -437,7 +443,8 @@ def test_shipped_recipe(runs: AwcRuns) -> None:
     validation = run_recipe(str(recipe), "sim", folder, seed=seed)
     with RunFile(validation.run_path) as run:
         v = feed(
-            AwcValidationAccumulator(run.channels, run.axes, constants=c), validation.run_path
+            AwcValidationAccumulator(run.channels, run.axes, constants=c, lsb_uA=LSB_UA),
+            validation.run_path,
         ).fit()
     residual = v["residual_walk_ns"]
     assert (v["flag"] == "").all()
@@ -455,7 +462,7 @@ def test_bad_data_gives_flags_not_numbers(runs: AwcRuns) -> None:
     21 with 30 hits a step."""
     cal = runs.calibration(SEEDS[0])
     with RunFile(cal.path) as run:
-        acc = AwcAccumulator(run.channels, run.axes)
+        acc = AwcAccumulator(run.channels, run.axes, lsb_uA=LSB_UA)
         for i, (row, hits) in enumerate(run.iter_steps()):
             h = hits[hits["channel"] != 0].copy()
             h["q"][h["channel"] == 16] = 1023.0
@@ -481,7 +488,7 @@ def test_bad_data_gives_flags_not_numbers(runs: AwcRuns) -> None:
     # the validation without constants, and with constants of another threshold pair
     path = runs.operating("awc_validation", SEEDS[0])
     with RunFile(path) as run:
-        none = feed(AwcValidationAccumulator(run.channels, run.axes), path).fit()
+        none = feed(AwcValidationAccumulator(run.channels, run.axes, lsb_uA=LSB_UA), path).fit()
     assert (none["flag"] == "no_constants").all() and np.isnan(none["residual_walk_ns"]).all()
     other = cal.constants.copy()
     other["thr2_op_uA"] = 9.0

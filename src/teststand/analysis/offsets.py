@@ -444,7 +444,7 @@ class OffsetsAccumulator(StepAccumulator):
         "min_window_ns": 0.5,
         "min_events": 20.0,
         "use_trimmed": 0.0,
-        "lsb_uA": 0.3125,
+        "lsb_uA": float("nan"),  # the run's DAC step: the caller gives it
     }
     json_keys: ClassVar[Mapping[str, str]] = {"offset_ns": "offset_ns"}
 
@@ -467,8 +467,9 @@ class OffsetsAccumulator(StepAccumulator):
         self._has_thr = "thr1" in self.axes and "thr2" in self.axes
         self._corr = None
         if p["constants"] is not None:
-            from .walk import AwcCorrection
+            from .walk import AwcCorrection, check_lsb
 
+            check_lsb(p["lsb_uA"])
             self._corr = AwcCorrection(
                 np.asarray(p["constants"]),
                 self._numbers,

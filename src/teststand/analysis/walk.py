@@ -97,9 +97,6 @@ __all__ = [
 #: Number of charge nodes stored per channel in the slope lookup table (NaN padded).
 AWC_LUT_SIZE = 16
 
-#: TOFHIR2 threshold DAC step, uA.
-TOFHIR_LSB_UA = 0.3125
-
 #: chi2 gain that makes the slope table's quadratic term significant (p = 1 % for 1 dof).
 _CURVATURE_CHI2 = 6.63
 
@@ -503,7 +500,7 @@ class AwcSums:
         thr1_op_uA: ArrayLike | None = None,
         thr2_op_uA: ArrayLike | None = None,
         thr_gap_uA: float = 4.0,
-        lsb_uA: float = TOFHIR_LSB_UA,
+        lsb_uA: float,
         n_lut_bins: int = AWC_LUT_SIZE,
         min_hits_per_step: int = 50,
         min_hits_per_bin: int = 20,
@@ -598,7 +595,7 @@ def is_charge_step(
     thr1_op_uA: float | ArrayLike | None = None,
     thr2_op_uA: float | ArrayLike | None = None,
     thr_gap_uA: float = 4.0,
-    lsb_uA: float = TOFHIR_LSB_UA,
+    lsb_uA: float,
 ) -> bool:
     """Whether a step may be at the operating threshold pair, so that its charge sums count.
 
@@ -647,7 +644,7 @@ def fit_awc(
     thr1_op_uA: ArrayLike | None = None,
     thr2_op_uA: ArrayLike | None = None,
     thr_gap_uA: float = 4.0,
-    lsb_uA: float = TOFHIR_LSB_UA,
+    lsb_uA: float,
     step_bar: ArrayLike | None = None,
     channel_bar: ArrayLike | None = None,
     n_lut_bins: int = AWC_LUT_SIZE,
@@ -1797,7 +1794,7 @@ class AwcCorrection:
         numbers: NDArray[Any],
         *,
         use_trimmed: bool = False,
-        lsb_uA: float = TOFHIR_LSB_UA,
+        lsb_uA: float,
     ) -> None:
         constants = np.asarray(constants)
         field = "awc_trimmed_uA" if use_trimmed else "awc_uA"
@@ -1877,6 +1874,18 @@ def _channel_lookup(numbers: NDArray[Any], values: NDArray[Any], fill: Any) -> N
     return out
 
 
+def check_lsb(lsb_uA: Any) -> None:
+    """The DAC step must be known: it comes from the run (its DAC), never from a literal."""
+    lsb = float(lsb_uA)
+    if np.isnan(lsb):
+        raise AnalysisError(
+            "the threshold DAC step lsb_uA is not known (the run records no DAC); "
+            "give it as a parameter (lsb_uA)"
+        )
+    if not 0 < lsb < float("inf"):
+        raise ValueError(f"lsb_uA must be a positive number, got {lsb_uA!r}")
+
+
 class AwcAccumulator(StepAccumulator):
     """The ``awc`` method: running sums of an ``awc_calibration`` run and the AWC constants.
 
@@ -1899,7 +1908,7 @@ class AwcAccumulator(StepAccumulator):
     defaults: ClassVar[Mapping[str, Any]] = {
         "thr1_op": float("nan"),
         "thr2_op": float("nan"),
-        "lsb_uA": TOFHIR_LSB_UA,
+        "lsb_uA": float("nan"),  # the run's DAC step: the caller gives it
         "thr_gap_uA": 4.0,
         "edge_window_uA": 1.5,
         "min_hits_per_step": 50.0,
@@ -1934,8 +1943,7 @@ class AwcAccumulator(StepAccumulator):
         n_lut = int(round(float(p["n_lut_bins"])))
         if not 2 <= n_lut <= AWC_LUT_SIZE:
             raise ValueError(f"n_lut_bins must be 2..{AWC_LUT_SIZE}, got {p['n_lut_bins']}")
-        if not float(p["lsb_uA"]) > 0:
-            raise ValueError(f"lsb_uA must be > 0, got {p['lsb_uA']}")
+        check_lsb(p["lsb_uA"])
         order = np.argsort(self.channels["channel"], kind="stable")
         self._numbers = self.channels["channel"][order].astype(np.int64)
         self._row = _channel_lookup(self._numbers, np.arange(self._numbers.size), -1)
@@ -2080,7 +2088,7 @@ class AwcValidationAccumulator(StepAccumulator):
         "min_hits_per_bin": 100.0,
         "q_margin": 1.0,
         "use_trimmed": 0.0,
-        "lsb_uA": TOFHIR_LSB_UA,
+        "lsb_uA": float("nan"),  # the run's DAC step: the caller gives it
         "qdc_max": 1023.0,
         "saturated_fraction": 0.01,
     }
@@ -2108,6 +2116,7 @@ class AwcValidationAccumulator(StepAccumulator):
         self._log_lo = np.full(n_ch, np.nan)
         self._log_step = np.full(n_ch, np.nan)
         if self.have_constants:
+            check_lsb(p["lsb_uA"])
             self._corr = AwcCorrection(
                 np.asarray(p["constants"]),
                 self._numbers,

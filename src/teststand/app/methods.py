@@ -89,17 +89,42 @@ def accumulator_class(method: str) -> type[StepAccumulator]:
     return cls
 
 
+def stand_facts(instruments: Mapping[str, Any]) -> dict[str, Any]:
+    """The hardware facts an analysis needs, from a run's instruments (start document or file).
+
+    The DAC's step (``lsb_uA``) is what the run's DAC reported and the stand file declared; a
+    run without a DAC has none. Nothing here is a literal: on a DAC with another step the
+    analysis follows it.
+    """
+    facts: dict[str, Any] = {}
+    dac = instruments.get("dac")
+    if dac:
+        settings = dict(dac.get("settings") or {})
+        lsb = settings.get("lsb_uA", dict(dac.get("facts") or {}).get("lsb_uA"))
+        if lsb is not None:
+            facts["lsb_uA"] = float(lsb)
+    return facts
+
+
 def make_accumulator(
     method: str,
     channels: np.ndarray,
     axes: list[str],
     params: Mapping[str, Any],
     constants: Constants | None = None,
+    facts: Mapping[str, Any] | None = None,
 ) -> StepAccumulator:
-    """Build the accumulator of ``method``; bad parameters are a user error (exit code 2)."""
+    """Build the accumulator of ``method``; bad parameters are a user error (exit code 2).
+
+    ``facts`` (from :func:`stand_facts`) fill the parameters the method takes from the stand
+    (``lsb_uA``) unless ``params`` gives them.
+    """
     cls = accumulator_class(method)
     needs = METHODS[method][2]
     kwargs = dict(params)
+    for key, value in (facts or {}).items():
+        if key in cls.defaults and key not in kwargs:
+            kwargs[key] = value
     if needs is not None:
         if constants is not None and constants.method != needs:
             raise UserInputError(
@@ -142,7 +167,9 @@ def run_method(
 ) -> MethodResult:
     """Apply ``method`` (or the default for the run's kind) to the completed steps of ``run``."""
     name = method_for(run.kind, method)
-    acc = make_accumulator(name, run.channels, run.axes, params, constants)
+    acc = make_accumulator(
+        name, run.channels, run.axes, params, constants, stand_facts(run.instruments)
+    )
     for index, (row, hits) in enumerate(run.iter_steps()):
         acc.add_hits(index, hits)
         acc.end_step(index, step_row(row))
@@ -209,7 +236,12 @@ class OnlineAnalysis:
     def _start(self, doc: Mapping[str, Any]) -> None:
         self._name = method_for(str(doc["kind"]), self.method)
         self._acc = make_accumulator(
-            self._name, np.asarray(doc["channels"]), list(doc["axes"]), self.params, self.constants
+            self._name,
+            np.asarray(doc["channels"]),
+            list(doc["axes"]),
+            self.params,
+            self.constants,
+            stand_facts(doc.get("instruments") or {}),
         )
 
     def refresh(self) -> MethodResult | None:

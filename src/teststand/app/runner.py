@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,12 +19,20 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..errors import UserInputError
-from ..sequences import Recipe, RunEngine, RunMetadata, RunResult, Subscriber, load_recipe
+from ..errors import RecipeError, UserInputError
+from ..sequences import (
+    PlanSummary,
+    Recipe,
+    RunEngine,
+    RunMetadata,
+    RunResult,
+    Subscriber,
+    load_recipe,
+)
 from ..station import StandFile, Station, connect, load_stand
 from ..storage import RunWriter, write_analysis
 from .constants import Constants, plain_json
-from .methods import MethodResult, OnlineAnalysis
+from .methods import METHODS, MethodResult, OnlineAnalysis, method_for
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +45,8 @@ class PreparedRun:
     stand: StandFile
     run_path: Path
     metadata: RunMetadata
+    #: what the checked plan will do (steps, triggers), from the dry run before connecting
+    summary: PlanSummary | None = None
 
     @property
     def log_path(self) -> Path:
@@ -60,27 +71,30 @@ def prepare_run(
     *,
     seed: int | None = None,
     constants: Constants | None = None,
+    analysis: bool = True,
 ) -> PreparedRun:
-    """Validate recipe and stand (no instrument is touched) and choose the run file's name.
+    """Check everything that can be checked without instruments, and name the run file.
+
+    The recipe and the stand file are validated, the recipe is checked against the stand's
+    declared limits (its plan listed without hardware, every message checked), a run whose
+    analysis applies constants is refused without them (unless ``analysis`` is off), and the
+    output folder must be writable. Nothing is connected.
 
     Raises:
-        RecipeError, StandError, UserInputError: a bad recipe, stand file or output folder.
+        RecipeError, StandError, UserInputError: a bad recipe, stand file, option or output
+            folder (one line naming the file and the key).
     """
+    if seed is not None and not 0 <= seed < 2**63:
+        raise UserInputError(f"--seed {seed}: expected an integer from 0 to 2**63 - 1")
     recipe = load_recipe(recipe_spec)
     stand = load_stand(stand_spec)
     if constants is not None:
         recipe = _baselines_from(recipe, stand, constants)
-    # Build the plan once against the stand file alone: what can be checked without instruments
-    # (stand kind, bars, ...) fails here, before connecting.
-    recipe.build_plan(stand.info()).close()
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserInputError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
+    summary = recipe.preflight(stand.info())
+    if analysis and constants is None:
+        _require_constants(recipe)
+    out = _output_folder(Path(out_dir))
     if stand.simulated and seed is None:
-        import numpy as np
-
         seed = int(np.random.SeedSequence().generate_state(1)[0])
     metadata = RunMetadata(
         recipe_name=recipe.name,
@@ -94,7 +108,37 @@ def prepare_run(
     )
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_path = out / f"{stamp}_{recipe.name}_{metadata.run_id}.h5"
-    return PreparedRun(recipe, stand, run_path, metadata)
+    return PreparedRun(recipe, stand, run_path, metadata, summary)
+
+
+def _require_constants(recipe: Recipe) -> None:
+    """A run whose analysis applies constants does not start without them."""
+    method = method_for(recipe.kind, None)
+    needs = METHODS[method][2]
+    if needs is not None:
+        made_by = {"awc": "awc-calibration", "timewalk": "hptdc-timewalk"}.get(needs, needs)
+        raise RecipeError(
+            f"{recipe.path}: kind {recipe.kind!r} is analysed with {needs} constants: give "
+            f"--constants FILE (from a {made_by} run, --export-constants), or --no-analysis to "
+            "only record it"
+        )
+
+
+def _output_folder(out: Path) -> Path:
+    """``--out`` created if needed and proved writable, before anything is connected."""
+    where = f"--out {out}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not out.is_dir():
+            raise UserInputError(f"{where}: not a folder")
+        probe = out / f".teststand-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except UserInputError:
+        raise
+    except OSError as exc:
+        raise UserInputError(f"{where}: cannot write there ({exc.strerror})") from None
+    return out
 
 
 def _baselines_from(recipe: Recipe, stand: StandFile, constants: Constants) -> Recipe:
@@ -140,6 +184,7 @@ def execute(
         plan = prepared.recipe.build_plan(station.info)
         meta.channels = station.info.channels
         meta.simulated = station.simulated
+        meta.facts = station.facts()
         meta.truth = station.truth()
         meta.truth_attrs = station.truth_attrs()
         engine = RunEngine(
@@ -200,5 +245,12 @@ def run_recipe(
     :func:`prepare_run`).
     """
     constants = online.constants if online is not None else None
-    prepared = prepare_run(recipe_spec, stand_spec, out_dir, seed=seed, constants=constants)
+    prepared = prepare_run(
+        recipe_spec,
+        stand_spec,
+        out_dir,
+        seed=seed,
+        constants=constants,
+        analysis=online is not None,
+    )
     return execute(prepared, subscribers=subscribers, on_engine=on_engine, online=online)

@@ -54,6 +54,13 @@ class DacOptions(DriverOptions):
         default=TOFHIR2_CHANNELS, ge=1, le=4096, description="channels per discriminator"
     )
 
+    def facts(self) -> dict[str, Any]:
+        """The facts, with the safe code resolved (``max_code`` unless given)."""
+        facts = self.model_dump()
+        if facts["safe_code"] is None:
+            facts["safe_code"] = self.max_code
+        return facts
+
     @model_validator(mode="after")
     def _safe_in_range(self) -> DacOptions:
         if self.safe_code is not None and self.safe_code > self.max_code:

@@ -18,6 +18,13 @@ from ._messages import (
     safe_state,
     set_,
 )
+from ._params import (
+    AwcCalibrationParams,
+    FloatRange,
+    HptdcTimewalkParams,
+    IntRange,
+    ThresholdScanParams,
+)
 from ._plans import (
     awc_calibration,
     finalize_wrapper,
@@ -26,15 +33,11 @@ from ._plans import (
     noise_counts,
     threshold_scan,
 )
+from ._preflight import PlanRejected, PlanSummary, check_plan
 from ._recipes import (
     REGISTRY,
-    AwcCalibrationParams,
-    FloatRange,
-    HptdcTimewalkParams,
-    IntRange,
     PlanEntry,
     Recipe,
-    ThresholdScanParams,
     load_recipe,
     parse_recipe,
     resolve_recipe,
@@ -50,6 +53,8 @@ __all__ = [
     "Msg",
     "Plan",
     "PlanEntry",
+    "PlanRejected",
+    "PlanSummary",
     "Recipe",
     "RunEngine",
     "RunMetadata",
@@ -60,6 +65,7 @@ __all__ = [
     "acquire",
     "awc_calibration",
     "call",
+    "check_plan",
     "checkpoint",
     "close_step",
     "finalize_wrapper",

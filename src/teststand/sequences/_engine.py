@@ -58,6 +58,9 @@ class RunMetadata:
     truth_attrs: Mapping[str, Any] = field(default_factory=dict)
     seed: int | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
+    #: per instrument, the hardware facts the stand declares (DAC step, code range, safe code,
+    #: channel counts, ...): recorded beside the read-back settings in ``/instruments/<name>``
+    facts: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def settings_sha256(self) -> str:
@@ -293,7 +296,9 @@ class RunEngine:
                 "serial": ident.serial,
                 "firmware": ident.firmware,
                 "resource": getattr(getattr(inst, "transport", None), "resource", ""),
-                "settings": inst.settings(),
+                # What the instrument reads back wins over what the stand declares (they agree:
+                # the drivers checked the facts at connect).
+                "settings": {**dict(meta.facts.get(name, {})), **inst.settings()},
             }
         run.axes = axes
         run.started = True

@@ -241,6 +241,14 @@ def awc_calibration(
         baselines = yield from _baselines(
             stand, baseline_codes, baseline_scan_codes, baseline_scan_triggers, extra_axes
         )
+        # Every threshold of every bar must fit the DAC with the baselines just measured: find
+        # out now, before the laser is switched on, not at bar 11.
+        gaps = [min(thr2_uA) - thr1_uA, max(thr2_uA) - thr1_uA]
+        for bar in bars:
+            lit = stand.channels_of_bar(int(bar))
+            t1 = _codes_for(stand, baselines, lit, thr1_uA)
+            for gap in gaps:
+                _codes_at_gap(stand, t1, lit, gap)
         for bar in bars:
             lit = stand.channels_of_bar(int(bar))
             t1_codes = _codes_for(stand, baselines, lit, thr1_uA)

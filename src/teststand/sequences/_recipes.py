@@ -7,171 +7,39 @@ recipe is ever evaluated. Every error names the file, the key and what was expec
 
 from __future__ import annotations
 
-import math
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..core.stand import StandInfo
 from ..errors import RecipeError, describe_validation_error
+from . import _checks as checks
 from ._messages import Plan
+from ._params import (
+    MAX_DEPTH,
+    NAME_PATTERN,
+    AwcCalibrationParams,
+    AwcValidationParams,
+    HptdcTimewalkParams,
+    ThresholdScanParams,
+    TimingAlignmentParams,
+    TimingResolutionParams,
+    _OperatingPointParams,
+    _Strict,
+)
 from ._plans import (
     awc_calibration,
     hptdc_timewalk,
     operating_point_scan,
     threshold_scan,
 )
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class FloatRange(_Strict):
-    """An inclusive range ``start, start + step, ... <= stop`` (units as the key says)."""
-
-    start: float = Field(description="first value")
-    stop: float = Field(description="last value (included when on the grid)")
-    step: float = Field(gt=0, description="increment, > 0")
-
-    @model_validator(mode="after")
-    def _ordered(self) -> FloatRange:
-        if self.stop < self.start:
-            raise ValueError(f"stop ({self.stop:g}) is below start ({self.start:g})")
-        if (self.stop - self.start) / self.step > 100_000:
-            raise ValueError("more than 100000 points")
-        return self
-
-    def values(self) -> list[float]:
-        """The points of the range; ``stop`` is included when it lies on the grid."""
-        n = int(math.floor((self.stop - self.start) / self.step + 1e-9)) + 1
-        return [self.start + k * self.step for k in range(n)]
-
-
-class IntRange(_Strict):
-    """An inclusive integer range ``start, start + step, ... <= stop``."""
-
-    start: int = Field(ge=0, description="first value")
-    stop: int = Field(ge=0, description="last value (included when on the grid)")
-    step: int = Field(default=1, gt=0, description="increment, > 0")
-
-    @model_validator(mode="after")
-    def _ordered(self) -> IntRange:
-        if self.stop < self.start:
-            raise ValueError(f"stop ({self.stop}) is below start ({self.start})")
-        return self
-
-    def values(self) -> list[int]:
-        """The points of the range, ``stop`` included when on the grid."""
-        return list(range(self.start, self.stop + 1, self.step))
-
-
-Percent = Annotated[float, Field(ge=0, le=100, json_schema_extra={"unit": "%"})]
-
-
-class ThresholdScanParams(_Strict):
-    """Per-channel S-curves of the T1 discriminator (laser off for noise, then laser on)."""
-
-    codes: IntRange = Field(
-        default=IntRange(start=0, stop=63), description="threshold codes scanned (DAC codes)"
-    )
-    n_triggers: int = Field(default=1000, ge=1, le=1_000_000, description="triggers per code")
-    laser_modes: list[Literal["off", "on"]] = Field(
-        default=["off", "on"], min_length=1, description="laser off (noise), on (signal)"
-    )
-    laser_intensity_pct: Percent = Field(default=30.0, description="laser tune with laser on, %")
-    fibre_channel: int = Field(
-        default=0, ge=0, le=16, description="fibre switch position (0 = all bars)"
-    )
-
-
-class AwcCalibrationParams(_Strict):
-    """Dual-threshold amplitude-walk calibration: thr2 scans at several laser intensities."""
-
-    bars: list[Annotated[int, Field(ge=0)]] | Literal["all"] = Field(
-        default="all", description="bars lit in turn through the fibre switch"
-    )
-    intensities_pct: list[Percent] = Field(
-        min_length=2, description="laser intensities (tune, %), one scan of thr2 each"
-    )
-    thr1_uA: float = Field(
-        default=6.0, gt=0, le=20, description="operating T1 threshold, uA above baseline"
-    )
-    thr2_uA: FloatRange = Field(description="T2 thresholds scanned, uA above baseline")
-    n_pulses: int = Field(default=500, ge=10, le=1_000_000, description="laser pulses per step")
-    baseline_codes: list[float] | None = Field(
-        default=None, description="per-channel baselines in DAC codes; measured at start if absent"
-    )
-    baseline_scan: IntRange = Field(
-        default=IntRange(start=0, stop=63), description="codes of the baseline noise scan"
-    )
-    baseline_triggers: int = Field(
-        default=400, ge=50, le=100_000, description="triggers per code of the baseline scan"
-    )
-
-    @model_validator(mode="after")
-    def _thresholds(self) -> AwcCalibrationParams:
-        if self.thr2_uA.start <= 0:
-            raise ValueError("thr2_uA.start must be above the baseline (> 0 uA)")
-        return self
-
-
-class _OperatingPointParams(_Strict):
-    """Every channel at the operating thresholds, all bars lit, a laser intensity scan."""
-
-    intensities_pct: list[Percent] = Field(min_length=1, description="laser intensities (tune, %)")
-    thr1_uA: float = Field(default=6.0, gt=0, le=20, description="operating T1 threshold, uA")
-    thr2_uA: float = Field(default=10.0, gt=0, le=20, description="operating T2 threshold, uA")
-    n_pulses: int = Field(default=5000, ge=10, le=10_000_000, description="laser pulses per step")
-    fibre_channel: int = Field(default=0, ge=0, le=16, description="fibre switch (0 = all bars)")
-    baseline_codes: list[float] | None = Field(
-        default=None, description="per-channel baselines in DAC codes; measured at start if absent"
-    )
-    baseline_scan: IntRange = Field(
-        default=IntRange(start=0, stop=40), description="codes of the baseline noise scan"
-    )
-    baseline_triggers: int = Field(
-        default=400, ge=50, le=100_000, description="triggers per code of the baseline scan"
-    )
-
-
-class AwcValidationParams(_OperatingPointParams):
-    """Validation of AWC constants: operating thresholds, intensities spread over the range."""
-
-
-class TimingAlignmentParams(_OperatingPointParams):
-    """Channel offsets with the laser (TileCal method): operating thresholds, all bars lit."""
-
-
-class TimingResolutionParams(_Strict):
-    """Per-channel time resolution on the HPTDC bench: every pad column lit, fixed intensity."""
-
-    intensities_pct: list[Percent] = Field(
-        min_length=1, description="laser intensities (tune, %), one step each"
-    )
-    n_pulses: int = Field(default=20000, ge=10, le=10_000_000, description="pulses per step")
-    fibre_channel: int = Field(default=0, ge=0, le=16, description="fibre switch (0 = all pads)")
-
-
-class HptdcTimewalkParams(_Strict):
-    """Laser intensity scan on the HPTDC bench (time walk versus ToT)."""
-
-    intensities_pct: FloatRange = Field(description="laser intensities scanned (tune, %)")
-    n_pulses: int = Field(default=2000, ge=10, le=10_000_000, description="laser pulses per step")
-    fibre_channel: int = Field(
-        default=0, ge=0, le=16, description="fibre switch position (0 = all pads)"
-    )
-
-    @model_validator(mode="after")
-    def _range(self) -> HptdcTimewalkParams:
-        if self.intensities_pct.start < 0 or self.intensities_pct.stop > 100:
-            raise ValueError("intensities_pct must lie within 0..100 %")
-        return self
+from ._preflight import PlanRejected, PlanSummary, check_plan
 
 
 @dataclass(frozen=True)
@@ -183,6 +51,8 @@ class PlanEntry:
     readout_kind: str
     analysis: str  # the default analysis method of runs of this kind
     summary: str
+    # the parameters against the stand; returns the baseline code the dry run assumes
+    check: Callable[[StandInfo, Any], float | None]
 
 
 def _build_threshold_scan(stand: StandInfo, p: ThresholdScanParams) -> Plan:
@@ -256,13 +126,28 @@ def _build_hptdc_timewalk(stand: StandInfo, p: HptdcTimewalkParams) -> Plan:
 #: The explicit registry from a recipe's ``kind`` to its plan.
 REGISTRY: dict[str, PlanEntry] = {
     "threshold_scan": PlanEntry(
-        ThresholdScanParams, _build_threshold_scan, "tofhir", "scurve", "per-channel S-curves"
+        ThresholdScanParams,
+        _build_threshold_scan,
+        "tofhir",
+        "scurve",
+        "per-channel S-curves",
+        checks.check_threshold_scan,
     ),
     "awc_calibration": PlanEntry(
-        AwcCalibrationParams, _build_awc, "tofhir", "awc", "dual-threshold amplitude walk"
+        AwcCalibrationParams,
+        _build_awc,
+        "tofhir",
+        "awc",
+        "dual-threshold amplitude walk",
+        checks.check_awc,
     ),
     "hptdc_timewalk": PlanEntry(
-        HptdcTimewalkParams, _build_hptdc_timewalk, "hptdc", "timewalk", "HPTDC time walk vs ToT"
+        HptdcTimewalkParams,
+        _build_hptdc_timewalk,
+        "hptdc",
+        "timewalk",
+        "HPTDC time walk vs ToT",
+        checks.check_hptdc_timewalk,
     ),
     "awc_validation": PlanEntry(
         AwcValidationParams,
@@ -270,9 +155,15 @@ REGISTRY: dict[str, PlanEntry] = {
         "tofhir",
         "awc_validation",
         "residual walk after the AWC correction",
+        checks.check_operating_point,
     ),
     "timing_alignment": PlanEntry(
-        TimingAlignmentParams, _build_operating_point, "tofhir", "offsets", "channel offsets"
+        TimingAlignmentParams,
+        _build_operating_point,
+        "tofhir",
+        "offsets",
+        "channel offsets",
+        checks.check_operating_point,
     ),
     "timing_resolution": PlanEntry(
         TimingResolutionParams,
@@ -280,6 +171,7 @@ REGISTRY: dict[str, PlanEntry] = {
         "hptdc",
         "resolution",
         "per-channel time resolution",
+        checks.check_timing_resolution,
     ),
 }
 
@@ -312,6 +204,24 @@ class Recipe(BaseModel):
             return self.entry.build(stand, self.params)
         except RecipeError as exc:
             raise RecipeError(f"{self.path}: {exc}") from None
+
+    def preflight(self, stand: StandInfo) -> PlanSummary:
+        """Check the recipe against ``stand``'s declared limits, with no instrument touched.
+
+        The parameters are checked by the kind's own check (which can name the key), then the
+        plan's messages are listed and checked one by one (:func:`~._preflight.check_plan`).
+
+        Raises:
+            RecipeError: one line naming this recipe's file, the key and the limit.
+        """
+        plan = self.build_plan(stand)
+        try:
+            baseline = self.entry.check(stand, self.params)
+            return check_plan(plan, stand, baseline_code=baseline)
+        except PlanRejected as exc:
+            raise RecipeError(f"{self.path}: {exc}") from None
+        finally:
+            plan.close()
 
     def with_baselines(self, codes: list[float], source: str) -> Recipe:
         """A copy whose plan sets thresholds from ``codes`` (DAC codes per channel).
@@ -346,8 +256,14 @@ def resolve_recipe(spec: str) -> Path:
     shipped = shipped_recipes()
     if spec in shipped:
         return shipped[spec]
+    if "\x00" in spec or len(spec) > 4096:
+        raise RecipeError(f"{spec[:80]!r}: not a usable recipe file name")
     path = Path(spec)
-    if path.suffix != ".toml" and not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:
+        raise RecipeError(f"{spec[:200]}: cannot use as a recipe file ({exc.strerror})") from None
+    if path.suffix != ".toml" and not exists:
         names = ", ".join(sorted(shipped))
         raise RecipeError(
             f"{spec}: no such recipe file and no shipped recipe of that name ({names})"
@@ -355,16 +271,45 @@ def resolve_recipe(spec: str) -> Path:
     return path
 
 
+#: Largest recipe file read (the shipped ones are about 1 kB).
+MAX_RECIPE_BYTES = 1 << 20
+
+
 def load_recipe(spec: str) -> Recipe:
     """Read and validate a recipe (a shipped name or a path). Raises :class:`RecipeError`."""
     path = resolve_recipe(spec)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_RECIPE_BYTES + 1)
     except FileNotFoundError:
         raise RecipeError(f"{path}: no such recipe file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{path}: cannot read the recipe ({exc})") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{path}: is a folder, not a recipe file") from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror})") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: larger than {MAX_RECIPE_BYTES} bytes; not a recipe")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     return parse_recipe(text, str(path))
+
+
+def _too_deep(value: Any, depth: int, where: str = "") -> str | None:
+    """The key path of the first value nested deeper than ``depth``, or ``None``."""
+    if depth < 0:
+        return where or "(top)"
+    items: Any = ()
+    if isinstance(value, dict):
+        items = ((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{where}.{i}", v) for i, v in enumerate(value))
+    for key, item in items:
+        found = _too_deep(item, depth - 1, key)
+        if found is not None:
+            return found
+    return None
 
 
 def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
@@ -373,6 +318,11 @@ def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"{path}: not valid TOML ({exc})") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested more than {MAX_DEPTH} levels deep") from None
+    key = _too_deep(data, MAX_DEPTH)
+    if key is not None:
+        raise RecipeError(f"{path}: {key}: nested more than {MAX_DEPTH} levels deep")
     allowed = {"name", "kind", "description", "parameters"}
     extra = sorted(set(data) - allowed)
     if extra:
@@ -384,12 +334,20 @@ def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{path}: kind: missing (required; one of {', '.join(REGISTRY)})")
     if not isinstance(kind, str) or kind not in REGISTRY:
         raise RecipeError(f"{path}: kind: expected one of {', '.join(REGISTRY)}, got {kind!r}")
-    name = data.get("name", Path(path).stem)
-    if not isinstance(name, str) or not name:
-        raise RecipeError(f"{path}: name: expected a non-empty string, got {name!r}")
+    if "name" in data:
+        name = data["name"]
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+            raise RecipeError(
+                f"{path}: name: expected 1 to 64 letters, digits, '.', '_' or '-' (it names the "
+                f"run file), got {shown}"
+            )
+    else:
+        # The file's name, made safe for a run file name.
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(path).stem).strip(".-_")[:64] or "recipe"
     description = data.get("description", "")
-    if not isinstance(description, str):
-        raise RecipeError(f"{path}: description: expected a string, got {description!r}")
+    if not isinstance(description, str) or len(description) > 2000:
+        raise RecipeError(f"{path}: description: expected a string of at most 2000 characters")
     params_data = data.get("parameters", {})
     if not isinstance(params_data, dict):
         raise RecipeError(f"{path}: parameters: expected a table, got {params_data!r}")
@@ -398,6 +356,8 @@ def parse_recipe(text: str, path: str = "<recipe>") -> Recipe:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise RecipeError(f"{path}: {describe_validation_error(first, 'parameters')}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: parameters: nested too deeply") from None
     return Recipe(
         name=name, kind=kind, description=description, params=params, text=text, path=path
     )
