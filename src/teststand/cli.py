@@ -1,7 +1,8 @@
 """The ``teststand`` command.
 
-Exit codes: 0 done, 1 the run or analysis failed, 2 bad input (one line on stderr, no
-traceback, no instrument touched).
+Exit codes: 0 done, 1 the run or analysis failed (or was interrupted), 2 bad input (one line
+on stderr, no traceback, no instrument touched), 3 the stand could not be confirmed safe (a
+``STAND NOT SAFE: <instrument>: <what>`` line per instrument).
 """
 
 from __future__ import annotations
@@ -9,22 +10,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
+import math
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any, TextIO
 
-import numpy as np
-
 from . import __version__
-from .errors import ConnectionFailed, TeststandError, UserInputError
+from ._terminal import CommandInterrupted, SafeStream, Signals
+from .errors import ConnectionFailed, StandNotSafe, TeststandError, UserInputError
 
 log = logging.getLogger("teststand")
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NOT_SAFE = 0, 1, 2, 3
+
+#: Commands that drive instruments: signals are recorded, never raised, while they run.
+HARDWARE_COMMANDS = frozenset({"run", "selftest"})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -149,7 +151,9 @@ class Progress:
         elapsed = now - self.t0
         eta = elapsed / fraction - elapsed if fraction > 0 else float("nan")
         bar = "#" * int(30 * fraction) + "-" * (30 - int(30 * fraction))
-        eta_text = "--:--" if not np.isfinite(eta) else f"{int(eta) // 60:02d}:{int(eta) % 60:02d}"
+        eta_text = (
+            "--:--" if not math.isfinite(eta) else f"{int(eta) // 60:02d}:{int(eta) % 60:02d}"
+        )
         text = (
             f"{self.label}[{bar}] {self.done}/{self.total} steps {100 * fraction:5.1f}%  "
             f"elapsed {elapsed:6.1f}s  ETA {eta_text}"
@@ -162,18 +166,33 @@ class Progress:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+class _OneLine(logging.Formatter):
+    """Console log lines: one line each, never a traceback (the log file keeps those)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return " ".join(f"teststand: {record.levelname}: {record.getMessage()}".split())
+
+
+def _console_handler(verbose: bool, command: str) -> logging.Handler:
+    """The console's share of the log: everything with ``-v``; else little or nothing.
+
+    While a command drives hardware the console gets no log lines at all: the command prints
+    its own one-line outcome, and the run's log file has everything, tracebacks included.
+    """
+    console = logging.StreamHandler(sys.stderr)
+    if verbose:
+        console.setLevel(logging.DEBUG)
+        console.setFormatter(logging.Formatter("teststand: %(levelname)s: %(message)s"))
+    else:
+        console.setLevel(logging.CRITICAL if command in HARDWARE_COMMANDS else logging.WARNING)
+        console.setFormatter(_OneLine())
+    return console
+
+
 def _setup_logging(verbose: bool, logfile: Path | None = None) -> logging.Handler | None:
+    """The log file of a run (everything, tracebacks included), if ``logfile`` is given."""
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    if not any(
-        isinstance(h, logging.StreamHandler) and getattr(h, "_teststand", False)
-        for h in root.handlers
-    ):
-        console = logging.StreamHandler(sys.stderr)
-        console.setLevel(logging.DEBUG if verbose else logging.WARNING)
-        console.setFormatter(logging.Formatter("teststand: %(levelname)s: %(message)s"))
-        console._teststand = True  # type: ignore[attr-defined]
-        root.addHandler(console)
     if logfile is None:
         return None
     handler = logging.FileHandler(logfile, encoding="utf-8")
@@ -203,6 +222,8 @@ def _format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _fmt(value: Any) -> str:
+    import numpy as np
+
     if isinstance(value, (float, np.floating)):
         return "nan" if not np.isfinite(value) else f"{value:.3f}"
     return str(value)
@@ -238,6 +259,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run_prepared(prepared: Any, args: argparse.Namespace, constants: Any) -> int:
     from .app.runner import execute
 
+    signals: Signals = args.signals
     meta = prepared.metadata
     sim_tag = "SIMULATED " if prepared.stand.simulated else ""
     log.info(
@@ -256,21 +278,31 @@ def _run_prepared(prepared: Any, args: argparse.Namespace, constants: Any) -> in
         )
     if args.export_constants and not Path(args.export_constants).resolve().parent.is_dir():
         raise UserInputError(f"--export-constants {args.export_constants}: no such folder")
-    subscribers = [] if args.no_progress else [Progress(label=sim_tag)]
+    observers = [] if args.no_progress else [Progress(label=sim_tag)]
     online = None
     if not args.no_analysis:
         from .app.methods import OnlineAnalysis
 
         online = OnlineAnalysis(constants=constants)
-    previous: dict[int, Any] = {}
 
     def on_engine(engine: Any, station: Any) -> None:
-        previous.update(_install_signal_handlers(engine))
+        def abort(reason: str) -> None:
+            engine.abort(reason, signal=True)
+
+        signals.on_signal = abort
+        if signals.received:  # arrived between the checks and here: the run does not start
+            abort(signals.reason)
 
     try:
-        outcome = execute(prepared, subscribers=subscribers, on_engine=on_engine, online=online)
+        outcome = execute(
+            prepared,
+            observers=observers,
+            on_engine=on_engine,
+            online=online,
+            interrupted=lambda: signals.reason,
+        )
     finally:
-        _restore_signal_handlers(previous)
+        signals.on_signal = None
     result = outcome.result
     log.info(
         "run %s ended %s after %d steps%s",
@@ -279,40 +311,42 @@ def _run_prepared(prepared: Any, args: argparse.Namespace, constants: Any) -> in
         result.n_steps,
         f": {result.reason}" if result.reason else "",
     )
+    if not prepared.run_path.exists():
+        print(f"teststand: run {result.status}: {result.reason}; no run file", file=sys.stderr)
+        print(f"log file: {prepared.log_path}")
+        return _not_safe_exit(result.not_safe) or EXIT_FAILED
     print(f"{sim_tag}run {result.run_id} {result.status}: {result.n_steps} steps")
     print(f"run file: {prepared.run_path}")
     print(f"log file: {prepared.log_path}")
     if result.status != "completed":
         print(f"teststand: run {result.status}: {result.reason}", file=sys.stderr)
-    if result.n_steps:
-        _print_summary(prepared.run_path, outcome.analysis)
+    # The constants first: they are the product, and a signal during the summary must not lose
+    # them.
     if args.export_constants and outcome.analysis is not None:
         _export(args.export_constants, outcome.analysis, meta.run_id, prepared.run_path, None)
         print(f"constants file: {args.export_constants}")
     if online is not None and online.error:
         print(f"online analysis: not possible ({online.error})")
+    code = _not_safe_exit(result.not_safe)
+    if code:
+        return code
+    if signals.received and result.status == "completed":
+        print(
+            f"teststand: {signals.reason} after the run completed: the run file is complete; "
+            "the summary was not printed",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    if result.n_steps:
+        _print_summary(prepared.run_path, outcome.analysis)
     return EXIT_OK if result.status == "completed" else EXIT_FAILED
 
 
-def _install_signal_handlers(engine: Any) -> dict[int, Any]:
-    previous: dict[int, Any] = {}
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        log.warning("%s received: stopping the run and putting the stand in its safe state", name)
-        engine.abort(f"{name} received", signal=True)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread (GUI worker): the caller handles signals
-            pass
-    return previous
-
-
-def _restore_signal_handlers(previous: dict[int, Any]) -> None:
-    for sig, old in previous.items():
-        signal.signal(sig, old)
+def _not_safe_exit(not_safe: dict[str, str]) -> int:
+    """Print ``STAND NOT SAFE`` per instrument; the exit code 3, or 0 when all were confirmed."""
+    for name, what in not_safe.items():
+        print(f"STAND NOT SAFE: {name}: {what}", file=sys.stderr)
+    return EXIT_NOT_SAFE if not_safe else EXIT_OK
 
 
 def _print_summary(run_path: Path, analysis: Any = None) -> None:
@@ -323,6 +357,8 @@ def _print_summary(run_path: Path, analysis: Any = None) -> None:
         steps = run.steps
         n_channels = int(run.channels.size)
         cols = run.columns(("channel",))
+    import numpy as np
+
     per_channel = np.bincount(cols["channel"].astype(np.int64), minlength=n_channels)
     n_active = max(int((steps["n_hits"] > 0).sum()), 1)
     print(f"\nsummary: {steps.size} steps, {int(steps['n_hits'].sum())} hits")
@@ -460,41 +496,87 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     from .app.selftest import run_selftest
     from .station import load_stand
 
+    signals: Signals = args.signals
     stand = load_stand(args.stand)
     _setup_logging(args.verbose)
     if stand.simulated:
         print(f"SIMULATED stand {stand.config.name!r}", file=sys.stderr)
-    report = run_selftest(stand, seed=args.seed)
+    report = run_selftest(stand, seed=args.seed, should_stop=lambda: signals.reason)
     for check in report.checks:
         verdict = "PASS" if check.passed else "FAIL"
         print(f"{verdict}  {check.instrument:8s} {check.name}: {check.detail}")
     n_passed = sum(c.passed for c in report.checks)
     verdict = "passed" if report.passed else "FAILED"
     print(f"selftest {verdict}: {n_passed}/{len(report.checks)} checks")
-    return EXIT_OK if report.passed else EXIT_FAILED
+    if signals.received:
+        print(f"teststand: selftest interrupted: {signals.reason}", file=sys.stderr)
+    code = _not_safe_exit(report.not_safe)
+    if code:
+        return code
+    return EXIT_OK if report.passed and not signals.received else EXIT_FAILED
 
 
 COMMANDS = {"run": cmd_run, "analyze": cmd_analyze, "info": cmd_info, "selftest": cmd_selftest}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``teststand`` command; returns the exit code."""
-    parser = _build_parser()
-    args = parser.parse_args(argv)
+    """Entry point of the ``teststand`` command; returns the exit code.
+
+    Signals are taken over first of all (see :mod:`teststand._terminal`), and standard output
+    and error become streams that survive a closed pipe: from here on a signal or a vanished
+    terminal can neither leave a traceback nor stop a run halfway.
+    """
+    signals = Signals(hardware=True)
+    signals.install()
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = SafeStream(sys.stdout), SafeStream(sys.stderr)
+    console: logging.Handler | None = None
+    command = "teststand"
     try:
-        return COMMANDS[args.command](args)
+        args = _build_parser().parse_args(argv)
+        command = args.command
+        signals.hardware = command in HARDWARE_COMMANDS
+        if signals.received and not signals.hardware:
+            raise CommandInterrupted(signals.reason)
+        args.signals = signals
+        console = _console_handler(args.verbose, command)
+        logging.getLogger().addHandler(console)
+        return COMMANDS[command](args)
+    except StandNotSafe as exc:
+        return _not_safe_exit(exc.failures)
     except UserInputError as exc:
         print(f"teststand: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ConnectionFailed as exc:
         print(f"teststand: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except TeststandError as exc:
-        print(f"teststand: {args.command} failed: {exc}", file=sys.stderr)
+    except CommandInterrupted as exc:
+        print(f"teststand: {command} interrupted: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except BrokenPipeError:  # output piped into `head` and the like: not an error
-        sys.stderr.close()
-        return EXIT_OK
+    except TeststandError as exc:
+        print(f"teststand: {command} failed: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_FAILED
+    except (KeyboardInterrupt, BrokenPipeError):  # pragma: no cover - the handlers prevent both
+        print(f"teststand: {command} interrupted", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:
+        # A bug, not a user mistake: one line here, the traceback in the log (or with -v).
+        log.debug("internal error", exc_info=True)
+        print(
+            f"teststand: {command}: internal error: {type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]} (run with -v for the traceback)",
+            file=sys.stderr,
+        )
+        if "-v" in (argv if argv is not None else sys.argv[1:]):
+            raise
+        return EXIT_FAILED
+    finally:
+        if console is not None:
+            logging.getLogger().removeHandler(console)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = streams
+        signals.restore()
 
 
 if __name__ == "__main__":  # pragma: no cover

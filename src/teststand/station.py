@@ -603,6 +603,12 @@ def connect(stand: StandFile, *, seed: int | None = None) -> Station:
                     break
 
     if failures:
+        # What did connect may have been left unsafe by an earlier session: safe before closing.
+        for driver in instruments.values():
+            try:
+                driver.safe_state()
+            except Exception as exc:  # noqa: BLE001 - already failing; report the connection
+                log.warning("%s: safe state while giving up the connection: %s", driver.name, exc)
         for closer in reversed(closers):
             try:
                 closer()

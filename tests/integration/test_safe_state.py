@@ -98,22 +98,24 @@ def test_safe_after_abort(tmp_path):
     _assert_safe(seen)
 
 
-@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT", "SIGHUP"])
 def test_safe_after_signal(tmp_path, signal_name):
     import os
     import signal
 
-    from teststand.cli import _install_signal_handlers, _restore_signal_handlers
+    from teststand._terminal import Signals
 
-    previous = {}
+    signals = Signals(hardware=True)
 
     def send(engine, station):
-        previous.update(_install_signal_handlers(engine))
+        signals.on_signal = lambda reason: engine.abort(reason, signal=True)
         os.kill(os.getpid(), getattr(signal, signal_name))
 
+    signals.install()
     try:
         outcome, _, seen = _run(tmp_path, send)
     finally:
-        _restore_signal_handlers(previous)
+        signals.restore()
     assert outcome.result.status == "interrupted"
+    assert signals.received == [signal_name]
     _assert_safe(seen)

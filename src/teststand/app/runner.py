@@ -19,8 +19,16 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..errors import RecipeError, UserInputError
+from ..drivers import CheckContext, check_safe_by_measurement
+from ..errors import (
+    InstrumentError,
+    InterlockTripped,
+    RecipeError,
+    StandNotSafe,
+    UserInputError,
+)
 from ..sequences import (
+    Plan,
     PlanSummary,
     Recipe,
     RunEngine,
@@ -162,46 +170,97 @@ def _baselines_from(recipe: Recipe, stand: StandFile, constants: Constants) -> R
     return recipe.with_baselines(codes, f"constants {constants.path} (run {constants.run_id})")
 
 
+#: Triggers of the measurement that confirms the safe state before every run.
+PRE_RUN_TRIGGERS = 100
+
+
+def check_stand_before_run(station: Station, *, n_triggers: int = PRE_RUN_TRIGGERS) -> None:
+    """Before anything moves: the stand safe by read-back and by measurement, interlocks closed.
+
+    The measurement (an acquisition in the safe state: nothing may fire) is made on stands with
+    a threshold DAC, whose safe code is a stand option that a wrong value makes trigger.
+
+    Raises:
+        StandNotSafe: an instrument does not confirm its safe state (exit code 3).
+        InterlockTripped: an interlock is open.
+        InstrumentError: the safe state triggers (a safe code below a channel's baseline).
+    """
+    station.confirm_safe()
+    for name, inst in station.instruments.items():
+        for what, closed in inst.interlocks().items():
+            if not closed:
+                raise InterlockTripped(name, f"{what} is open: close it before the run")
+    if "dac" not in station.instruments:
+        # Fixed thresholds (HPTDC): no safe code that could trigger; the self-test measures the
+        # quiet rate of such a bench.
+        return
+    ctx = CheckContext(station.instruments, station.info.channels, n_triggers)
+    try:
+        check_safe_by_measurement(station.instruments["readout"], ctx)
+    except AssertionError as exc:
+        raise InstrumentError("readout", f"{exc} (instruments.dac.options.safe_code)") from None
+
+
 def execute(
     prepared: PreparedRun,
     *,
     subscribers: Sequence[Subscriber] = (),
+    observers: Sequence[Subscriber] = (),
     on_engine: Callable[[RunEngine, Station], None] | None = None,
     block_triggers: int = 20_000,
     online: OnlineAnalysis | None = None,
+    interrupted: Callable[[], str] | None = None,
 ) -> RunOutcome:
-    """Connect the stand, run the plan and record it; the stand is closed on every way out.
+    """Connect the stand, check it, run the plan and record it; safe and closed on every way out.
 
-    ``online`` (an :class:`~teststand.methods.OnlineAnalysis`) follows the run; its result at the
-    end is written to the run file's ``/analysis/<method>``.
+    ``subscribers`` are critical (one that raises fails the run, as the writer does);
+    ``observers`` (a progress display) are detached when they raise. ``online`` (an
+    :class:`~teststand.app.methods.OnlineAnalysis`) follows the run; its result at the end is
+    written to the run file's ``/analysis/<method>``. ``interrupted()`` returns why the run must
+    not start (a signal during start-up), or ``""``; it is asked after connecting.
+
+    Before the engine runs, :func:`check_stand_before_run` confirms the stand safe. After it,
+    the engine has put every instrument in its safe state and confirmed it by read-back; what it
+    could not confirm is in ``outcome.result.not_safe``.
 
     Raises:
         ConnectionFailed: one or more instruments could not be connected (nothing was run).
+        StandNotSafe: before the run, or after a failure outside the engine, an instrument did
+            not confirm its safe state.
+        InterlockTripped, InstrumentError: the checks before the run refused it (no run file).
     """
     meta = prepared.metadata
     station = connect(prepared.stand, seed=meta.seed)
+    result: RunResult | None = None
     try:
-        plan = prepared.recipe.build_plan(station.info)
-        meta.channels = station.info.channels
-        meta.simulated = station.simulated
-        meta.facts = station.facts()
-        meta.truth = station.truth()
-        meta.truth_attrs = station.truth_attrs()
-        engine = RunEngine(
-            station.instruments, safe_order=station.safe_order, block_triggers=block_triggers
-        )
-        writer = RunWriter(prepared.run_path)
-        engine.subscribe(writer)
-        if online is not None:
-            engine.subscribe(online)
-        for subscriber in subscribers:
-            engine.subscribe(subscriber)
-        if on_engine is not None:
-            on_engine(engine, station)
         try:
-            result = engine.run(plan, meta)
+            plan = prepared.recipe.build_plan(station.info)
+            meta.channels = station.info.channels
+            meta.simulated = station.simulated
+            meta.facts = station.facts()
+            meta.truth = station.truth()
+            meta.truth_attrs = station.truth_attrs()
+            why = interrupted() if interrupted is not None else ""
+            if not why:
+                check_stand_before_run(station)
+                why = interrupted() if interrupted is not None else ""
+            if why:
+                plan.close()
+                result = RunResult(meta.run_id, "interrupted", 0, f"{why} before the run started")
+            else:
+                result = _run_engine(
+                    prepared, station, plan, subscribers, observers, on_engine, block_triggers,
+                    online,
+                )  # fmt: skip
         finally:
-            writer.close()
+            if result is None or result.n_steps == 0 and not prepared.run_path.exists():
+                # Out of the engine's hands (start-up, checks): safe, and confirmed, here.
+                station.safe_state()
+                not_safe = station.unsafe()
+                if not_safe:
+                    if result is None:
+                        raise StandNotSafe(not_safe)
+                    result.not_safe = not_safe
     finally:
         station.close()
     analysis = online.result if online is not None else None
@@ -210,6 +269,35 @@ def execute(
     elif online is not None and online.error:
         log.warning("no online analysis stored: %s", online.error)
     return RunOutcome(result, prepared.run_path, meta.simulated, analysis)
+
+
+def _run_engine(
+    prepared: PreparedRun,
+    station: Station,
+    plan: Plan,
+    subscribers: Sequence[Subscriber],
+    observers: Sequence[Subscriber],
+    on_engine: Callable[[RunEngine, Station], None] | None,
+    block_triggers: int,
+    online: OnlineAnalysis | None,
+) -> RunResult:
+    engine = RunEngine(
+        station.instruments, safe_order=station.safe_order, block_triggers=block_triggers
+    )
+    writer = RunWriter(prepared.run_path)
+    engine.subscribe(writer)
+    if online is not None:
+        engine.subscribe(online)
+    for subscriber in subscribers:
+        engine.subscribe(subscriber)
+    for observer in observers:
+        engine.subscribe(observer, critical=False)
+    if on_engine is not None:
+        on_engine(engine, station)
+    try:
+        return engine.run(plan, prepared.metadata)
+    finally:
+        writer.close()
 
 
 def write_method_result(path: Path, result: MethodResult, *, online: bool = False) -> None:
@@ -236,6 +324,7 @@ def run_recipe(
     *,
     seed: int | None = None,
     subscribers: Sequence[Subscriber] = (),
+    observers: Sequence[Subscriber] = (),
     on_engine: Callable[[RunEngine, Station], None] | None = None,
     online: OnlineAnalysis | None = None,
 ) -> RunOutcome:
@@ -253,4 +342,6 @@ def run_recipe(
         constants=constants,
         analysis=online is not None,
     )
-    return execute(prepared, subscribers=subscribers, on_engine=on_engine, online=online)
+    return execute(
+        prepared, subscribers=subscribers, observers=observers, on_engine=on_engine, online=online
+    )

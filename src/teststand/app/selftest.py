@@ -11,6 +11,7 @@ must fire when it should. The stand ends in its safe state, confirmed on every i
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..drivers import CheckContext
@@ -47,9 +48,16 @@ class SelftestReport:
 
 
 def run_selftest(
-    stand: StandFile, *, seed: int | None = None, n_triggers: int = 200
+    stand: StandFile,
+    *,
+    seed: int | None = None,
+    n_triggers: int = 200,
+    should_stop: Callable[[], str] | None = None,
 ) -> SelftestReport:
-    """Connect ``stand``, run every driver's checks and leave the stand safe (confirmed)."""
+    """Connect ``stand``, run every driver's checks and leave the stand safe (confirmed).
+
+    ``should_stop()`` (asked before every check) returns why to stop early (a signal), or "".
+    """
     report = SelftestReport(stand.config.name, stand.simulated)
     try:
         station = connect(stand, seed=seed)
@@ -65,6 +73,9 @@ def run_selftest(
                 ident = driver.identify()
                 report.checks.append(Check(name, "identify", True, ident.idn))
                 for check in stand.config.spec(name).checks:
+                    if should_stop is not None and should_stop():
+                        report.checks.append(Check(name, check.name, False, should_stop()))
+                        continue
                     try:
                         detail = check.run(driver, ctx)
                         report.checks.append(Check(name, check.name, True, detail))

@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import __version__
 from ..core.hits import HIT_DTYPE
-from ..errors import RunAborted, TeststandError
+from ..errors import InterlockTripped, RunAborted, TeststandError
 from ._messages import Msg, Plan
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,8 @@ class RunResult:
     n_steps: int
     reason: str = ""
     error: BaseException | None = None
+    #: instruments whose safe state the read-back did not confirm at the end: ``{name: what}``
+    not_safe: dict[str, str] = field(default_factory=dict)
 
 
 class _Interrupted(RunAborted):
@@ -113,6 +115,7 @@ class RunEngine:
         self.safe_order = order + [n for n in self.instruments if n not in order]
         self.block_triggers = int(block_triggers)
         self._subscribers: dict[int, Subscriber] = {}
+        self._optional: set[int] = set()
         self._next_token = 0
         self._abort = threading.Event()
         self._abort_reason = ""
@@ -124,20 +127,35 @@ class RunEngine:
         self.completed_steps: list[int] = []
 
     # -- subscribers -------------------------------------------------------------------------
-    def subscribe(self, callback: Subscriber) -> int:
-        """Attach a document subscriber; returns a token for :meth:`unsubscribe`."""
+    def subscribe(self, callback: Subscriber, *, critical: bool = True) -> int:
+        """Attach a document subscriber; returns a token for :meth:`unsubscribe`.
+
+        A critical subscriber (the run-file writer) that raises fails the run: what it cannot
+        record must not be taken. A non-critical one (a progress display, a window) that raises
+        is logged and detached: a closed terminal never stops data taking.
+        """
         token = self._next_token
         self._next_token += 1
         self._subscribers[token] = callback
+        if not critical:
+            self._optional.add(token)
         return token
 
     def unsubscribe(self, token: int) -> None:
         """Detach a subscriber (it receives nothing more)."""
         self._subscribers.pop(token, None)
+        self._optional.discard(token)
 
     def _emit(self, name: str, doc: dict[str, Any]) -> None:
-        for callback in list(self._subscribers.values()):
-            callback(name, doc)
+        for token, callback in list(self._subscribers.items()):
+            if token not in self._optional:
+                callback(name, doc)
+                continue
+            try:
+                callback(name, doc)
+            except Exception as exc:  # noqa: BLE001 - an optional subscriber never stops a run
+                log.warning("subscriber %r detached after an error: %s", callback, exc)
+                self.unsubscribe(token)
 
     # -- control from other threads ----------------------------------------------------------
     def request_pause(self) -> None:
@@ -168,10 +186,9 @@ class RunEngine:
 
         Exceptions from instruments or the plan end the run with status ``failed`` (the result
         carries the exception); ``KeyboardInterrupt`` ends it ``interrupted`` and is re-raised
-        after the safe state.
+        after the safe state. An abort requested before this call (a signal during start-up) is
+        kept: the run stops before its first message. The abort is cleared when the run ends.
         """
-        self._abort.clear()
-        self._abort_reason = ""
         self._resume.set()
         self._pause_requested.clear()
         self.completed_steps = []
@@ -193,14 +210,50 @@ class RunEngine:
             log.exception("run %s failed", metadata.run_id)
         finally:
             safe_errors = self._all_safe()
-            if safe_errors and status == "completed":
+            not_safe = self._unconfirmed()
+            if not_safe:
+                listing = "; ".join(f"{name}: {why}" for name, why in not_safe.items())
+                status = "failed" if status == "completed" else status
+                reason = f"{reason}; " if reason else ""
+                reason += f"STAND NOT SAFE: {listing}"
+            elif safe_errors and status == "completed":
                 status, reason = "failed", "safe state failed: " + "; ".join(safe_errors)
             self.state = "idle"
+            self._abort.clear()
             if run.started:
                 self._emit("stop", {"status": status, "finished_utc": utc_now(), "reason": reason})
         if reraise is not None:
             raise reraise
-        return RunResult(metadata.run_id, status, len(self.completed_steps), reason, error)
+        return RunResult(
+            metadata.run_id, status, len(self.completed_steps), reason, error, not_safe
+        )
+
+    def _unconfirmed(self) -> dict[str, str]:
+        """Instruments whose safe state their own read-back does not confirm."""
+        failures: dict[str, str] = {}
+        for name in self.safe_order:
+            inst = self.instruments[name]
+            try:
+                detail = (
+                    inst.unsafe_detail()
+                    if hasattr(inst, "unsafe_detail")
+                    else ("" if inst.is_safe() else "not in its safe state")
+                )
+            except Exception as exc:  # noqa: BLE001 - no answer is no confirmation
+                detail = "safe state not confirmed (" + " ".join(str(exc).split()) + ")"
+            if detail:
+                log.error("%s: STAND NOT SAFE: %s", name, detail)
+                failures[name] = str(detail)
+        return failures
+
+    def _check_interlocks(self) -> None:
+        """Every interlock an instrument reports must be closed; else the run stops."""
+        for name, inst in self.instruments.items():
+            if not hasattr(inst, "interlocks"):
+                continue
+            for what, closed in inst.interlocks().items():
+                if not closed:
+                    raise InterlockTripped(name, f"{what} is open: the run stops, stand safe")
 
     def _all_safe(self) -> list[str]:
         errors: list[str] = []
@@ -287,6 +340,7 @@ class RunEngine:
         if run.started:
             raise RuntimeError("a plan may open its run only once")
         meta = run.metadata
+        self._check_interlocks()
         instruments: dict[str, Any] = {}
         for name in self.safe_order:
             inst = self.instruments[name]
@@ -328,6 +382,7 @@ class RunEngine:
     def _open_step(self, run: _RunState, axes: dict[str, float]) -> None:
         if run.step_open:
             raise RuntimeError("open_step while a step is open")
+        self._check_interlocks()
         unknown = set(axes) - set(run.axes)
         if unknown:
             raise RuntimeError(f"step axes {sorted(unknown)} were not declared in open_run")
