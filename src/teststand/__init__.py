@@ -8,11 +8,21 @@ are fitted from the same data online and offline.
 Importing ``teststand`` never imports Qt: the GUI lives behind the ``gui`` extra.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("teststand")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
+from typing import Any
 
 __all__ = ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Looked up on first use: importlib.metadata scans site-packages, and the command line
+    # takes over its signals before anything slow is imported (teststand._entry).
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            value = version("teststand")
+        except PackageNotFoundError:  # running from a source tree that is not installed
+            value = "0.0.0+unknown"
+        globals()["__version__"] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -330,15 +330,15 @@ def _run_prepared(prepared: Any, args: argparse.Namespace, constants: Any) -> in
     code = _not_safe_exit(result.not_safe)
     if code:
         return code
+    if result.n_steps and not signals.received:
+        _print_summary(prepared.run_path, outcome.analysis)
     if signals.received and result.status == "completed":
+        # Not swallowed: the command was asked to stop, though the run had finished.
         print(
-            f"teststand: {signals.reason} after the run completed: the run file is complete; "
-            "the summary was not printed",
+            f"teststand: {signals.reason} after the run completed: the run file is complete",
             file=sys.stderr,
         )
         return EXIT_FAILED
-    if result.n_steps:
-        _print_summary(prepared.run_path, outcome.analysis)
     return EXIT_OK if result.status == "completed" else EXIT_FAILED
 
 
@@ -519,15 +519,19 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 COMMANDS = {"run": cmd_run, "analyze": cmd_analyze, "info": cmd_info, "selftest": cmd_selftest}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, signals: Signals | None = None) -> int:
     """Entry point of the ``teststand`` command; returns the exit code.
 
     Signals are taken over first of all (see :mod:`teststand._terminal`), and standard output
     and error become streams that survive a closed pipe: from here on a signal or a vanished
-    terminal can neither leave a traceback nor stop a run halfway.
+    terminal can neither leave a traceback nor stop a run halfway. ``signals`` (installed by the
+    console script before anything was imported) stay installed after return; without them
+    the handlers are installed here and given back at the end.
     """
-    signals = Signals(hardware=True)
-    signals.install()
+    own_signals = signals is None
+    if signals is None:
+        signals = Signals(hardware=True)
+        signals.install()
     streams = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = SafeStream(sys.stdout), SafeStream(sys.stderr)
     console: logging.Handler | None = None
@@ -576,8 +580,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         sys.stdout, sys.stderr = streams
-        signals.restore()
+        if own_signals:
+            signals.restore()
 
 
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    from ._entry import main as _entry_main
+
+    _entry_main()

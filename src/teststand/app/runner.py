@@ -127,7 +127,7 @@ def _require_constants(recipe: Recipe) -> None:
         made_by = {"awc": "awc-calibration", "timewalk": "hptdc-timewalk"}.get(needs, needs)
         raise RecipeError(
             f"{recipe.path}: kind {recipe.kind!r} is analysed with {needs} constants: give "
-            f"--constants FILE (from a {made_by} run, --export-constants), or --no-analysis to "
+            f"--constants FILE (exported by an {made_by} run with --export-constants), or --no-analysis to "
             "only record it"
         )
 

@@ -243,7 +243,7 @@ def feasible_baselines(
     low, high = float(steps.min()), float(steps.max())
     if high - low > stand.max_code:
         raise PlanRejected(
-            f"{key}: the thresholds span {(high - low) * stand.lsb_uA:g} uA = "
+            f"{key}: the thresholds span {(high - low) * stand.lsb_uA:g} uA ="
             f"{high - low:.0f} DAC codes ({stand.lsb_uA:g} uA a code), more than the DAC's "
             f"0..{stand.max_code} (instruments.dac.options)"
         )

@@ -123,6 +123,7 @@ class SimulatedReadoutLink:
         self._started_at: float | None = None
         self._replies: deque[str | bytes] = deque()
         self._faults: list[_Fault] = []
+        self._stalled = False
         self._lock = threading.RLock()
 
     # -- Transport attributes ------------------------------------------------------------------
@@ -244,9 +245,18 @@ class SimulatedReadoutLink:
             self._faults.append(_Fault(kind, keyword, int(count)))
 
     def clear_faults(self) -> None:
-        """Forget every fault not yet triggered."""
+        """Forget every fault not yet triggered (and end a stall)."""
         with self._lock:
             self._faults.clear()
+            self._stalled = False
+
+    def stall(self) -> None:
+        """From the next acquisition on, no trigger ever arrives: never done, nothing to fetch.
+
+        What a readout that lost its trigger (or its clock) looks like to the driver.
+        """
+        with self._lock:
+            self._stalled = True
 
     # -- private -------------------------------------------------------------------------------
 
@@ -340,6 +350,8 @@ class SimulatedReadoutLink:
             self._n_triggers = self._events_so_far()
 
     def _events_so_far(self) -> int:
+        if self._stalled:
+            return 0
         if self._started_at is None or self.trigger_rate_hz is None:
             return self._n_triggers
         elapsed = time.monotonic() - self._started_at
