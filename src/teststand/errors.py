@@ -120,7 +120,13 @@ def describe_validation_error(err: Mapping[str, Any], prefix: str = "") -> str:
 
     ``prefix`` is put before the key (``parameters`` for a recipe's plan parameters).
     """
-    parts = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+    # Union members and validators appear in the location as tags ("list[constrained-int]",
+    # "literal['all']", "function-after[...]"): they are pydantic's, not the file's keys.
+    parts = [
+        str(p)
+        for p in err["loc"]
+        if not str(p).startswith("function-") and "[" not in str(p) and "constrained-" not in str(p)
+    ]
     loc = ".".join(([prefix] if prefix else []) + parts)
     msg = str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "missing":

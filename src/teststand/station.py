@@ -365,14 +365,26 @@ def _check_visa_library(stand: StandFile) -> None:
 def _check_sim_yaml(file: Path, where: str) -> None:
     from pyvisa_sim.parser import get_devices
 
+    import yaml
+
     try:
         if file.stat().st_size > MAX_STAND_BYTES:
             raise StandError(f"{where}: {file} is larger than {MAX_STAND_BYTES} bytes")
+        try:
+            # Parsed here first: pyvisa-sim's own message for bad YAML is a whole traceback.
+            yaml.safe_load(file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise StandError(f"{where}: {file} is not valid YAML ({at}{problem})") from None
         get_devices(file, False)
     except StandError:
         raise
     except Exception as exc:  # noqa: BLE001 - pyvisa-sim raises anything from YAML to KeyError
-        text = " ".join(str(exc).split())[:200] or type(exc).__name__
+        # pyvisa-sim puts a whole traceback into some of its messages: keep the last line.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        text = " ".join((lines[-1] if lines else type(exc).__name__).split())[:200]
         raise StandError(f"{where}: not a pyvisa-sim description ({text})") from None
 
 

@@ -97,7 +97,10 @@ class AwcCalibrationParams(_Strict):
     """Dual-threshold amplitude-walk calibration: thr2 scans at several laser intensities."""
 
     bars: list[Annotated[int, Field(ge=0, le=32767)]] | Literal["all"] = Field(
-        default="all", max_length=4096, description="bars lit in turn through the fibre switch"
+        default="all",
+        min_length=1,
+        max_length=4096,
+        description="bars lit in turn through the fibre switch",
     )
     intensities_pct: list[Percent] = Field(
         min_length=2,
